@@ -1,0 +1,2 @@
+"""Triton kernels."""
+X = 1
