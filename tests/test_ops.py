@@ -23,6 +23,34 @@ DTYPES = [torch.float32, torch.float64]
 EPS = 8 / 255
 
 
+class R:
+    """The reference backend, returning values instead of filling outputs."""
+
+    @staticmethod
+    def grad_magnitude(g, p):
+        out = g.new_empty((g.shape[0], g.shape[2], g.shape[3]))
+        ref.grad_magnitude(g, p, out)
+        return out
+
+    @staticmethod
+    def topk_mask(s, k):
+        out = s.new_empty((s.shape[0], 1, s.shape[1], s.shape[2]))
+        assert ref.topk_mask(s, k, out)
+        return out
+
+    @staticmethod
+    def masked_linf_project(x, delta, mask, eps):
+        out = torch.empty_like(x)
+        ref.masked_linf_project(x, delta, mask, eps, out)
+        return out
+
+    @staticmethod
+    def pgd_step(x, delta, g, mask, eps, alpha):
+        out = torch.empty_like(x)
+        ref.pgd_step(x, delta, g, mask, eps, alpha, out)
+        return out
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     status = ops.available_backends()[request.param]
@@ -62,7 +90,7 @@ def test_reference_and_native_backends_are_available_here():
 @pytest.mark.parametrize("p", [1, 2])
 def test_grad_magnitude_matches_reference(backend, shape, dtype, p):
     _, _, g, _ = make_inputs(shape, dtype)
-    expected = ref.grad_magnitude(g.clone(), p)
+    expected = R.grad_magnitude(g.clone(), p)
     g1 = g.clone().requires_grad_(True)
     out = ops.grad_magnitude(g1, p, backend=backend)
     assert out.shape == (shape[0], shape[2], shape[3])
@@ -105,7 +133,7 @@ def test_topk_mask_matches_reference(backend, shape, dtype):
     s = torch.randn((n, h, w), generator=gen, dtype=dtype)
     hw = h * w
     for k in sorted({1, 2, hw // 10 + 1, hw // 2, hw - 1, hw} - {0}):
-        expected = ref.topk_mask(s.clone(), k)[0]
+        expected = R.topk_mask(s.clone(), k)
         out = ops.topk_mask(s.clone(), k, backend=backend)
         assert_close_report(out, expected, exact=True, what=f"topk_mask k={k}")
         assert torch.all(out.sum(dim=(1, 2, 3)) == k)
@@ -143,7 +171,7 @@ def test_saliency_topk_mask_equals_unfused_composition(backend, shape, dtype, p)
     _, _, g, _ = make_inputs(shape, dtype, seed=11)
     hw = shape[2] * shape[3]
     for k in (1, max(1, hw // 10), hw):
-        expected = ref.topk_mask(ref.grad_magnitude(g.clone(), p), k)[0]
+        expected = R.topk_mask(R.grad_magnitude(g.clone(), p), k)
         out = ops.saliency_topk_mask(g.clone(), k, p, backend=backend)
         assert_close_report(out, expected, exact=True, what=f"saliency_topk_mask k={k} p={p}")
 
@@ -151,7 +179,7 @@ def test_saliency_topk_mask_equals_unfused_composition(backend, shape, dtype, p)
 def test_saliency_topk_mask_ties_from_integer_gradients(backend):
     g = torch.randint(-2, 3, (3, 3, 12, 10), generator=_gen(12)).float()
     for p in (1, 2):
-        s = ref.grad_magnitude(g, p)
+        s = R.grad_magnitude(g, p)
         for k in (1, 30, 119, 120):
             out = ops.saliency_topk_mask(g.clone(), k, p, backend=backend)
             assert_close_report(out, _expected_mask(s, k), exact=True, what=f"integer g p={p} k={k}")
@@ -163,7 +191,7 @@ def test_saliency_topk_mask_ties_from_integer_gradients(backend):
 def test_masked_linf_project_matches_reference(backend, shape, dtype):
     x, delta, _, mask = make_inputs(shape, dtype, seed=13)
     for eps in (0.0, EPS, 0.5):
-        expected = ref.masked_linf_project(x, delta, mask, eps)
+        expected = R.masked_linf_project(x, delta, mask, eps)
         out = ops.masked_linf_project(x.clone(), delta.clone(), mask.clone(), eps, backend=backend)
         assert_close_report(out, expected, exact=True, what=f"masked_linf_project eps={eps}")
 
@@ -215,7 +243,7 @@ def test_masked_linf_project_gradcheck(backend):
 def test_pgd_step_matches_reference(backend, shape, dtype, sign):
     x, delta, g, mask = make_inputs(shape, dtype, seed=23)
     alpha = 2 / 255
-    expected = ref.pgd_step(x, delta, g, mask, EPS, sign * alpha)
+    expected = R.pgd_step(x, delta, g, mask, EPS, sign * alpha)
     out = ops.pgd_step(x.clone(), delta.clone(), g.clone(), mask.clone(), EPS, alpha, sign, backend=backend)
     assert_close_report(out, expected, exact=True, what=f"pgd_step sign={sign}")
     # Direction: on the unclipped masked pixels, the step moves against (sign=-1) or with g.
@@ -228,13 +256,13 @@ def test_pgd_step_matches_reference(backend, shape, dtype, sign):
 def test_non_contiguous_and_channels_last_inputs(backend):
     x, delta, g, mask = make_inputs((2, 3, 12, 9), torch.float32, seed=29)
     cl = [t.to(memory_format=torch.channels_last) for t in (x, delta, g)]
-    expected = ref.pgd_step(x, delta, g, mask, EPS, -EPS / 4)
+    expected = R.pgd_step(x, delta, g, mask, EPS, -EPS / 4)
     out = ops.pgd_step(*cl[:2], cl[2], mask, EPS, EPS / 4, backend=backend)
     assert_close_report(out, expected, exact=True, what="channels_last pgd_step")
     gt = g.transpose(2, 3).contiguous().transpose(2, 3)  # non-contiguous view, same values
     assert not gt.is_contiguous()
     assert_close_report(ops.saliency_topk_mask(gt, 0.2, backend=backend),
-                        ref.topk_mask(ref.grad_magnitude(g, 1), ops.resolve_k(0.2, 108))[0],
+                        R.topk_mask(R.grad_magnitude(g, 1), ops.resolve_k(0.2, 108)),
                         exact=True, what="non-contiguous saliency_topk_mask")
 
 
@@ -322,3 +350,17 @@ def test_triton_without_cuda_or_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match=r"backend 'triton' is unavailable: .*no CUDA device"):
         ops.grad_magnitude(torch.rand(1, 1, 8, 8), backend="triton")
+
+
+def test_out_arguments_write_in_place(backend):
+    x, delta, g, mask = make_inputs((2, 3, 10, 11), torch.float32, seed=31)
+    expected = R.pgd_step(x, delta, g, mask, EPS, -EPS / 4)
+    d = delta.clone()
+    result = ops.pgd_step(x, d, g, mask, EPS, EPS / 4, out=d, backend=backend)
+    assert result.data_ptr() == d.data_ptr()
+    assert_close_report(d, expected, exact=True, what="pgd_step out=delta")
+    m = torch.full((2, 1, 10, 11), 7.0)
+    ops.saliency_topk_mask(g, 5, out=m, backend=backend)
+    assert torch.all(m.sum((1, 2, 3)) == 5)
+    with pytest.raises(ValueError, match=r"out has shape"):
+        ops.pgd_step(x, delta, g, mask, EPS, 0.01, out=delta[:1], backend=backend)

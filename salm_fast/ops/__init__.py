@@ -54,7 +54,8 @@ class GradMagnitudeFunction(torch.autograd.Function):
         impl = select(op, g.device, backend)
         C.check_dtype_for_backend(op, impl.NAME, g)
         g = g.contiguous()
-        s = impl.grad_magnitude(g, p)
+        s = g.new_empty((g.shape[0], g.shape[2], g.shape[3]))
+        impl.grad_magnitude(g.detach(), p, s)
         ctx.p = p
         ctx.save_for_backward(g, s)
         return s
@@ -81,14 +82,24 @@ def grad_magnitude(g: Tensor, p: int = 1, *, backend: str | None = None) -> Tens
 
 
 # ---------------------------------------------------------------- top-k masks
-def _finish_mask(op: str, result: tuple[Tensor, bool], name: str) -> Tensor:
-    mask, finite = result
+def _mask_out(op: str, ref: Tensor, n: int, h: int, w: int, out: Tensor | None) -> Tensor:
+    if out is None:
+        return ref.new_empty((n, 1, h, w))
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+    C.check_same(op, "the input", ref, "out", out, (n, 1, h, w))
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous")
+    return out
+
+
+def _finish_mask(op: str, finite: bool, name: str, mask: Tensor) -> Tensor:
     if not finite:
         raise ValueError(f"{op}: {name} contains NaN or inf; the saliency ranking is undefined")
     return mask
 
 
-def topk_mask(s: Tensor, k: int | float, *, backend: str | None = None) -> Tensor:
+def topk_mask(s: Tensor, k: int | float, *, out: Tensor | None = None, backend: str | None = None) -> Tensor:
     """N x H x W saliency -> N x 1 x H x W {0,1} mask with exactly k ones per image.
 
     The k largest saliencies of each image win; equal saliencies go to the lower
@@ -100,12 +111,16 @@ def topk_mask(s: Tensor, k: int | float, *, backend: str | None = None) -> Tenso
     C.check_tensor(op, "s", s, 3)
     impl = select(op, s.device, backend)
     C.check_dtype_for_backend(op, impl.NAME, s)
-    kk = C.resolve_k(op, k, s.shape[1] * s.shape[2])
+    n, h, w = s.shape
+    kk = C.resolve_k(op, k, h * w)
+    mask = _mask_out(op, s, n, h, w, out)
     with torch.no_grad():
-        return _finish_mask(op, impl.topk_mask(s.detach().contiguous(), kk), "s")
+        return _finish_mask(op, impl.topk_mask(s.detach().contiguous(), kk, mask), "s", mask)
 
 
-def saliency_topk_mask(g: Tensor, k: int | float, p: int = 1, *, backend: str | None = None) -> Tensor:
+def saliency_topk_mask(
+    g: Tensor, k: int | float, p: int = 1, *, out: Tensor | None = None, backend: str | None = None
+) -> Tensor:
     """Fused ``topk_mask(grad_magnitude(g, p), k)``: gradient in, mask out.
 
     The C++ and Triton backends never materialize the N x H x W saliency; the
@@ -116,9 +131,11 @@ def saliency_topk_mask(g: Tensor, k: int | float, p: int = 1, *, backend: str | 
     p = C.check_p(op, p)
     impl = select(op, g.device, backend)
     C.check_dtype_for_backend(op, impl.NAME, g)
-    kk = C.resolve_k(op, k, g.shape[2] * g.shape[3])
+    n, _, h, w = g.shape
+    kk = C.resolve_k(op, k, h * w)
+    mask = _mask_out(op, g, n, h, w, out)
     with torch.no_grad():
-        return _finish_mask(op, impl.saliency_topk_mask(g.detach().contiguous(), kk, p), "g")
+        return _finish_mask(op, impl.saliency_topk_mask(g.detach().contiguous(), kk, p, mask), "g", mask)
 
 
 # ---------------------------------------------------------------- projection
@@ -146,17 +163,18 @@ class MaskedLinfProjectFunction(torch.autograd.Function):
         x, delta = x.contiguous(), delta.contiguous()
         ctx.impl, ctx.eps = impl, eps
         ctx.save_for_backward(x, delta, mask)
-        return impl.masked_linf_project(x.detach(), delta.detach(), mask, eps)
+        out = torch.empty_like(delta, memory_format=torch.contiguous_format)
+        impl.masked_linf_project(x.detach(), delta.detach(), mask, eps, out)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         x, delta, mask = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
-        grad_delta, grad_x = ctx.impl.masked_linf_project_backward(
-            x, delta, mask, ctx.eps, grad_out.contiguous(), need_x
-        )
-        return (grad_x if need_x else None), grad_delta, None, None, None
+        grad_delta = torch.empty_like(delta)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        ctx.impl.masked_linf_project_backward(x, delta, mask, ctx.eps, grad_out.contiguous(), grad_delta, grad_x)
+        return grad_x, grad_delta, None, None, None
 
 
 def masked_linf_project(
@@ -178,12 +196,14 @@ def pgd_step(
     alpha: float,
     sign: int = -1,
     *,
+    out: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """One fused PGD step: ``masked_linf_project(x, delta + sign * alpha * sign(g), mask, eps)``.
 
     ``sign=-1`` descends the loss (error-minimizing noise), ``sign=+1`` ascends it
-    (error-maximizing / adversarial). Returns a new tensor; no autograd graph.
+    (error-maximizing / adversarial). No autograd graph. ``out`` (contiguous, shaped
+    like x) receives the result; ``out=delta`` updates the perturbation in place.
     """
     op = "pgd_step"
     impl, mask, eps = _check_project(op, x, delta, mask, eps, backend)
@@ -192,7 +212,15 @@ def pgd_step(
     alpha = C.check_eps(op, alpha, "alpha")
     if sign not in (-1, 1) or isinstance(sign, bool):
         raise ValueError(f"{op}: sign must be -1 (minimize the loss) or +1 (maximize it), got {sign!r}")
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+        C.check_same(op, "x", x, "out", out, tuple(x.shape))
+        if not out.is_contiguous():
+            raise ValueError(f"{op}: out must be contiguous (out=delta needs a contiguous delta)")
     with torch.no_grad():
-        return impl.pgd_step(
-            x.detach().contiguous(), delta.detach().contiguous(), g.detach().contiguous(), mask, eps, sign * alpha
-        )
+        impl.pgd_step(x.detach().contiguous(), delta.detach().contiguous(), g.detach().contiguous(), mask, eps,
+                      sign * alpha, out.detach())
+    return out

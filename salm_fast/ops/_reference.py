@@ -5,8 +5,10 @@ float32 and float64. The arithmetic is therefore written out in a fixed order
 (channel sums left to right, one rounding per IEEE operation) instead of relying
 on reductions whose order PyTorch may choose.
 
-Inputs arrive validated and contiguous (see ``salm_fast.ops._checks``); ``k`` is
-already resolved to a pixel count and ``alpha`` already carries the PGD sign.
+Backend contract (shared by ``_cpp`` and ``_triton``): inputs arrive validated,
+contiguous and of one dtype (the mask converted to it); ``k`` is already a pixel
+count and ``alpha`` already carries the PGD sign. The dispatcher allocates every
+output and the backend fills it; ``out`` may alias ``delta`` in ``pgd_step``.
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ from torch import Tensor
 NAME = "torch"
 
 
-def grad_magnitude(g: Tensor, p: int) -> Tensor:
-    """N x C x H x W -> N x H x W: sum_c |g| (p=1) or sqrt(sum_c g*g) (p=2)."""
+def _magnitude(g: Tensor, p: int) -> Tensor:
     if p == 1:
         acc = g[:, 0].abs()
         for c in range(1, g.shape[1]):
@@ -29,56 +30,67 @@ def grad_magnitude(g: Tensor, p: int) -> Tensor:
     return torch.sqrt(acc)
 
 
-def topk_mask(s: Tensor, k: int) -> tuple[Tensor, bool]:
-    """N x H x W saliency -> (N x 1 x H x W {0,1} mask, all_finite).
+def grad_magnitude(g: Tensor, p: int, out: Tensor) -> None:
+    """N x C x H x W -> N x H x W: sum_c |g| (p=1) or sqrt(sum_c g*g) (p=2), c ascending."""
+    out.copy_(_magnitude(g, p))
+
+
+def topk_mask(s: Tensor, k: int, out: Tensor) -> bool:
+    """N x H x W saliency -> N x 1 x H x W {0,1} mask in ``out``; returns False on NaN/inf.
 
     Exactly ``k`` ones per image at the ``k`` largest saliencies; among equal values
     the lower flat index wins. -0.0 and +0.0 are equal (IEEE comparison). A stable
     descending sort gives exactly that order.
     """
-    n, h, w = s.shape
     if not bool(torch.isfinite(s).all()):
-        return s.new_empty((n, 1, h, w)), False
+        return False
+    n, h, w = s.shape
     flat = s.reshape(n, h * w)
     order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]
     mask = torch.zeros_like(flat)
     mask.scatter_(1, order, 1.0)
-    return mask.reshape(n, 1, h, w), True
+    out.copy_(mask.reshape(n, 1, h, w))
+    return True
 
 
-def saliency_topk_mask(g: Tensor, k: int, p: int) -> tuple[Tensor, bool]:
-    return topk_mask(grad_magnitude(g, p), k)
+def saliency_topk_mask(g: Tensor, k: int, p: int, out: Tensor) -> bool:
+    return topk_mask(_magnitude(g, p), k, out)
 
 
-def masked_linf_project(x: Tensor, delta: Tensor, mask: Tensor, eps: float) -> Tensor:
-    """clamp(clamp(delta * mask, -eps, eps), -x, 1 - x), elementwise, in the input dtype."""
+def _project(x: Tensor, delta: Tensor, mask: Tensor, eps: float) -> Tensor:
     e = torch.tensor(eps, dtype=delta.dtype, device=delta.device)
     d = torch.clamp(delta * mask, -e, e)
     return torch.clamp(d, -x, 1.0 - x)
 
 
+def masked_linf_project(x: Tensor, delta: Tensor, mask: Tensor, eps: float, out: Tensor) -> None:
+    """clamp(clamp(delta * mask, -eps, eps), -x, 1 - x), elementwise, in the input dtype."""
+    out.copy_(_project(x, delta, mask, eps))
+
+
 def masked_linf_project_backward(
-    x: Tensor, delta: Tensor, mask: Tensor, eps: float, grad_out: Tensor, need_x: bool = True
-) -> tuple[Tensor, Tensor | None]:
+    x: Tensor, delta: Tensor, mask: Tensor, eps: float, grad_out: Tensor,
+    grad_delta: Tensor, grad_x: Tensor | None,
+) -> None:
     """Subgradients of ``masked_linf_project`` as PyTorch's clamp defines them.
 
     clamp passes the gradient to its input where min <= input <= max (bounds
     inclusive) and to the active bound elsewhere. The box bounds are -x and 1 - x,
-    so x receives -grad where the box clamp is active.
+    so x receives -grad_out where the box clamp is active. ``grad_x`` is None when
+    x needs no gradient.
     """
     e = torch.tensor(eps, dtype=delta.dtype, device=delta.device)
     d0 = delta * mask
     d1 = torch.clamp(d0, -e, e)
     in_eps = (d0 >= -e) & (d0 <= e)
-    lo, hi = -x, 1.0 - x
-    in_box = (d1 >= lo) & (d1 <= hi)
+    in_box = (d1 >= -x) & (d1 <= 1.0 - x)
     zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
-    grad_delta = torch.where(in_eps & in_box, grad_out * mask, zero)
-    grad_x = torch.where(in_box, zero, -grad_out) if need_x else None
-    return grad_delta, grad_x
+    grad_delta.copy_(torch.where(in_eps & in_box, grad_out * mask, zero))
+    if grad_x is not None:
+        grad_x.copy_(torch.where(in_box, zero, -grad_out))
 
 
-def pgd_step(x: Tensor, delta: Tensor, g: Tensor, mask: Tensor, eps: float, alpha: float) -> Tensor:
+def pgd_step(x: Tensor, delta: Tensor, g: Tensor, mask: Tensor, eps: float, alpha: float, out: Tensor) -> None:
     """project(delta + alpha * sign(g)); ``alpha`` is signed (negative = error-minimizing)."""
     a = torch.tensor(alpha, dtype=delta.dtype, device=delta.device)
-    return masked_linf_project(x, delta + a * torch.sign(g), mask, eps)
+    out.copy_(_project(x, delta + a * torch.sign(g), mask, eps))
