@@ -1,0 +1,38 @@
+"""Benchmark CLI: ``python -m bench <subcommand> [options]``.
+
+Each subcommand is a function taking the remaining command-line arguments and returning
+an exit status; add one by adding it to ``SUBCOMMANDS``.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _kernels(argv: Sequence[str]) -> int:
+    from bench import kernels
+
+    return kernels.main(argv)
+
+
+#: name -> (one-line help, entry point taking the remaining argv)
+SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
+    "kernels": ("fused ops: eager PyTorch vs the torch reference vs the native backend", _kernels),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or args[0] not in SUBCOMMANDS:
+        lines = ["usage: python -m bench <subcommand> [options]   (<subcommand> --help for its options)", ""]
+        lines += [f"  {name:10s} {help_}" for name, (help_, _) in SUBCOMMANDS.items()]
+        print("\n".join(lines))
+        if args and args[0] not in ("-h", "--help"):
+            print(f"\nunknown subcommand {args[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return SUBCOMMANDS[args[0]][1](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
