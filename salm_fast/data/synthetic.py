@@ -45,12 +45,13 @@ MORPHOLOGIES = ("round", "spiculated", "ring", "foci", "elongated", "crescent", 
 
 # Distributions, as fractions of the image (area) or of the full intensity range [0, 1].
 _AREA_FRAC = (0.025, 0.07)       # lesion area / image area
-_PEAK = (0.45, 0.9)              # lesion intensity above the background
-_EDGE_PX28 = (0.45, 0.9)         # soft-edge half-width in pixels at 28 px (scaled with size)
+_PEAK = (0.12, 0.3)              # lesion intensity above the background (low contrast, like ultrasound)
+_EDGE_PX28 = (0.8, 1.4)          # soft-edge half-width in pixels at 28 px (scaled with size)
 _BG_LEVEL = (0.03, 0.10)         # mean background intensity
 _BG_TEXTURE = (0.015, 0.05)      # amplitude of the smooth background texture
-_PIXEL_NOISE = (0.008, 0.03)     # std of per-pixel noise
+_PIXEL_NOISE = (0.01, 0.03)      # std of per-pixel noise
 _LESION_TEXTURE = 0.12           # relative std of the lesion's inner texture
+_SPIKE_DEPTH = (0.1, 0.3)        # spiculated: spike amplitude relative to the radius (subtle margins)
 _N_UNIFORMS = 6                  # shape parameters per image (each shape uses what it needs)
 _MAX_FOCI = 5
 _CHUNK_ELEMS = 1 << 22           # floats per temporary array when rendering a chunk of images
@@ -82,7 +83,7 @@ def _round(u, v, r0, p):
 
 def _spiculated(u, v, r0, p):
     k = np.floor(5 + 4 * _col(p, 0))  # 5-8 spikes
-    beta = 0.45 + 0.25 * _col(p, 1)
+    beta = _SPIKE_DEPTH[0] + (_SPIKE_DEPTH[1] - _SPIKE_DEPTH[0]) * _col(p, 1)
     radius = r0 / np.sqrt(1 + beta ** 2 / 2)  # area of r(phi) = R (1 + beta cos k phi)
     phi = np.arctan2(v, u)
     return np.sqrt(u * u + v * v) - radius * (1 + beta * np.cos(k * phi + 2 * np.pi * _col(p, 2)))

@@ -15,12 +15,16 @@ Backends (``backend=`` argument or ``SALM_FAST_BACKEND``): ``torch`` (reference)
 """
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _checks as C
-from ._backends import BACKENDS, BackendStatus, available_backends, select
+from ._backends import BACKENDS, ENV_VAR, BackendStatus, available_backends, backend_status, select
 
 __all__ = [
     "BACKENDS",
@@ -34,7 +38,31 @@ __all__ = [
     "resolve_k",
     "saliency_topk_mask",
     "topk_mask",
+    "use_backend",
 ]
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run the enclosed code with every op forced onto backend ``name`` (None: the default).
+
+    Checks up front that the backend can run here, so a long job fails before it starts.
+    """
+    if name is None:
+        yield
+        return
+    status = backend_status(name)  # raises on an unknown name
+    if not status.available:
+        raise RuntimeError(f"backend {name!r} is unavailable: {status.reason}")
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous
 
 
 def resolve_k(k: int | float, hw: int) -> int:

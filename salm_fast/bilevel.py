@@ -1,0 +1,212 @@
+"""The bi-level min-min trainer (the protector's engine).
+
+    min_theta  E[ L(f_theta(A(x + delta)), y) ]          surrogate steps
+    min_delta  E[ L(f_theta(A(x + delta)), y) ]          perturbation steps (error-minimizing)
+
+alternate in rounds until the surrogate's accuracy on the perturbed training data
+reaches a threshold (default 99%) or a round cap. ``A`` is the attacker's usual
+augmentation (crop + flip) when the loop is augmentation-aware, so that the noise
+stays a shortcut under the transformations a victim will apply.
+
+What is optimized (one delta per image, per class, or a generator) is a
+:class:`~salm_fast.noise.Noise`; this module only runs the alternation, measures,
+logs every round as a JSON line, checkpoints after every round and resumes from a
+checkpoint to exactly the result of an uninterrupted run (all randomness comes from
+one seeded ``torch.Generator`` whose state is checkpointed with everything else).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import surrogate as S
+from .data.atomic import atomic_path
+from .noise import Noise
+from .victims.defenses import CropFlip
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class BiLevelConfig:
+    """Every setting of the alternation, with its unit."""
+
+    max_rounds: int = 20  # rounds of (surrogate steps, perturbation pass)
+    surrogate_steps: int = 10  # optimizer steps of the surrogate per round
+    surrogate_lr: float = 1e-3  # Adam
+    surrogate_reset_every: int = 0  # re-initialize the surrogate every n rounds (0: never)
+    batch_size: int = 128  # images per surrogate / perturbation batch
+    stop_accuracy: float = 0.99  # stop once the surrogate fits the perturbed data this well
+    min_rounds: int = 1  # never stop before this many rounds
+    augment: bool = True  # crop + flip inside the loop (augmentation-aware noise)
+    seed: int = 0
+
+
+@dataclass
+class RoundLog:
+    round: int
+    surrogate_loss: float
+    noise_loss: float
+    surrogate_accuracy: float  # on the perturbed training data, no augmentation
+    seconds: float  # wall time of this round
+    images_per_second: float  # perturbation images processed per second in this round
+    extra: dict = field(default_factory=dict)
+
+
+class BiLevelTrainer:
+    """Alternate surrogate and perturbation updates; checkpoint and resume.
+
+    ``x`` (N x C x H x W float in [0, 1]), ``y`` (N int64) and ``mask`` (N x 1 x H x W)
+    are the protected images, their labels and the pixels the noise may touch.
+    """
+
+    def __init__(self, surrogate_factory: Callable[[], nn.Module], noise: Noise, x: Tensor, y: Tensor,
+                 mask: Tensor, config: BiLevelConfig, *, log_path: str | Path | None = None,
+                 checkpoint_path: str | Path | None = None, progress: bool = False,
+                 description: str = "protect", round_hooks: list[Callable[[BiLevelTrainer], None]] | None = None):
+        self.factory, self.noise, self.cfg = surrogate_factory, noise, config
+        self.x, self.y, self.mask = x, y, mask
+        self.log_path = Path(log_path) if log_path else None
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.progress, self.description = progress, description
+        self.round_hooks = list(round_hooks or [])  # called after each round, before the checkpoint
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.augment = CropFlip() if config.augment else None
+        self.round = 0
+        self.history: list[RoundLog] = []
+        self.stopped_because = ""
+        self._new_surrogate()
+
+    # ----------------------------------------------------------------- pieces
+    def _new_surrogate(self) -> None:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
+        self.model = self.factory()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.surrogate_lr)
+
+    def augmented(self, xb: Tensor, yb: Tensor) -> Tensor:
+        """The victim's augmentation, differentiable w.r.t. the perturbation inside ``xb``."""
+        if self.augment is None:
+            return xb
+        return self.augment(xb, yb, self.gen)[0]
+
+    def loss(self, xb: Tensor, yb: Tensor) -> Tensor:
+        return F.cross_entropy(S.logits(self.model, self.augmented(xb, yb)), yb)
+
+    def _sample(self) -> Tensor:
+        return torch.randint(0, len(self.x), (min(self.cfg.batch_size, len(self.x)),), generator=self.gen)
+
+    def surrogate_phase(self) -> float:
+        self.model.train()
+        loss = torch.zeros(())
+        for _ in range(self.cfg.surrogate_steps):
+            idx = self._sample()
+            with torch.no_grad():
+                delta = self.noise.delta(idx, self.x[idx], self.y[idx], self.mask[idx])
+            loss = self.loss(self.x[idx] + delta, self.y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def perturbed_accuracy(self) -> float:
+        self.model.eval()
+        correct = 0
+        for start in range(0, len(self.x), 1024):
+            idx = torch.arange(start, min(start + 1024, len(self.x)))
+            xb = self.x[idx] + self.noise.delta(idx, self.x[idx], self.y[idx], self.mask[idx])
+            correct += int((S.logits(self.model, xb).argmax(1) == self.y[idx]).sum())
+        return correct / len(self.x)
+
+    # ----------------------------------------------------------------- loop
+    def run(self) -> list[RoundLog]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.max_rounds, initial=self.round, desc=self.description, unit="round",
+                   disable=not self.progress, leave=False)
+        try:
+            while self.round < self.cfg.max_rounds:
+                if self.cfg.surrogate_reset_every and self.round and self.round % self.cfg.surrogate_reset_every == 0:
+                    self._new_surrogate()
+                t0 = time.perf_counter()
+                s_loss = self.surrogate_phase()
+                self.model.eval()
+                n_loss, n_images, extra = self.noise.optimize(self)
+                acc = self.perturbed_accuracy()
+                dt = time.perf_counter() - t0
+                entry = RoundLog(self.round, s_loss, n_loss, acc, dt, n_images / dt if dt > 0 else 0.0, extra)
+                self.history.append(entry)
+                self.round += 1
+                for hook in self.round_hooks:
+                    hook(self)
+                self._write_log(entry)
+                done = acc >= self.cfg.stop_accuracy and self.round >= self.cfg.min_rounds
+                self.stopped_because = (f"surrogate accuracy {acc:.3f} >= {self.cfg.stop_accuracy}" if done
+                                        else f"round cap {self.cfg.max_rounds}")
+                self.save_checkpoint(finished=done or self.round >= self.cfg.max_rounds)
+                bar.update(1)
+                bar.set_postfix(surrogate_acc=f"{acc:.3f}", loss=f"{n_loss:.3f}")
+                if done:
+                    break
+        finally:
+            bar.close()
+        return self.history
+
+    # ----------------------------------------------------------------- state
+    def _write_log(self, entry: RoundLog) -> None:
+        if self.log_path is None:
+            return
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(asdict(entry)) + "\n")
+
+    def state_dict(self) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": asdict(self.cfg),
+            "round": self.round,
+            "surrogate": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "noise": self.noise.state_dict(),
+            "mask": self.mask,
+            "generator_state": self.gen.get_state(),
+            "history": [asdict(h) for h in self.history],
+            "stopped_because": self.stopped_because,
+        }
+
+    def save_checkpoint(self, finished: bool = False) -> None:
+        if self.checkpoint_path is None:
+            return
+        state = self.state_dict()
+        state["finished"] = finished
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self, path: str | Path) -> bool:
+        """Restore a checkpoint; returns whether that run had already finished."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+        if state["config"] != asdict(self.cfg):
+            changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.cfg).get(k))
+            raise ValueError(f"{path}: the checkpoint was made with different settings ({', '.join(changed)}); "
+                             "resume with the same settings or start afresh")
+        self.round = state["round"]
+        self.model.load_state_dict(state["surrogate"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.noise.load_state_dict(state["noise"])
+        self.mask = state["mask"]
+        self.gen.set_state(state["generator_state"])
+        self.history = [RoundLog(**h) for h in state["history"]]
+        self.stopped_because = state.get("stopped_because", "")
+        if self.log_path is not None:  # the log always matches the checkpoint it belongs to
+            lines = "".join(json.dumps(h) + "\n" for h in state["history"])
+            with atomic_path(self.log_path) as tmp:
+                tmp.write_text(lines, encoding="utf-8")
+        return bool(state.get("finished", False))

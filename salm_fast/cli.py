@@ -1,0 +1,219 @@
+"""``salm-fast``: the command line.
+
+    salm-fast demo                                   # synthetic data: protect, evaluate, print the table
+    salm-fast protect --data X.npz --method salm --eps 8/255 --k 0.1 --out DIR
+    salm-fast evaluate --clean X.npz --release DIR/X.npz --victim resnet18 [--defense jpeg-10]
+    salm-fast backends                               # which kernel backends run here, and why not
+    salm-fast bench kernels                          # from a source checkout: kernel benchmarks
+
+Bad input gets one line on stderr naming the problem, exit status 2, and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_eps(text: str) -> float:
+    """'8/255', '0.0314' or '8' (levels, when > 1) -> a budget in [0, 1] units."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r} (e.g. 8/255)") from None
+    if value > 1:
+        value = value / 255  # '8' means 8 levels of 255
+    return value
+
+
+def parse_k(text: str) -> int | float:
+    """'20' -> 20 pixels; '0.1' or '10%' -> a fraction of H*W."""
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            return float(t[:-1]) / 100
+        return int(t) if t.isdigit() else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"k must be pixels (e.g. 80) or a fraction (0.1, 10%), got {text!r}") from None
+
+
+def parse_classes(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"classes must be comma-separated integers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------ commands
+def _loop_overrides(args) -> dict:
+    from .bilevel import BiLevelConfig
+    from .methods import METHODS
+
+    if args.rounds is None:
+        return {}
+    cls = METHODS[args.method]
+    if not hasattr(cls, "default_loop"):
+        raise UsageError(f"--rounds applies to bi-level methods; {args.method} has no rounds")
+    loop: BiLevelConfig = cls.default_loop()
+    loop.max_rounds = args.rounds
+    loop.min_rounds = min(loop.min_rounds, args.rounds)
+    return {"loop": loop}
+
+
+def cmd_protect(args) -> int:
+    from .api import protect
+
+    options = _loop_overrides(args)
+    for name in ("noise", "mask_refresh", "classes", "poison_ratio"):
+        value = getattr(args, name)
+        if value is not None:
+            if args.method != "salm":
+                raise UsageError(f"--{name.replace('_', '-')} is a SALM option (method is {args.method})")
+            options[name] = value
+    result = protect(args.data, args.method, out=args.out, eps=args.eps, k=args.k, splits=args.splits,
+                     seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                     backend=args.backend, figure=not args.no_figure, keep_checkpoint=args.keep_checkpoint,
+                     **options)
+    print(result.table())
+    print(f"summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .api import evaluate
+
+    res = evaluate(args.clean, args.release, victim=args.victim, defense=args.defense, augment=args.augment,
+                   epochs=args.epochs, seed=args.seed, precision=args.precision, out=args.out,
+                   progress=not args.quiet)
+    print(res.table())
+    if args.out:
+        print(f"results: {Path(args.out) / 'evaluation.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .api import evaluate, protect
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    data = "synthetic:n=1500,seed=0"
+    print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM, eps 8/255, k 10% ...", flush=True)
+    result = protect(data, "salm", out=out, eps=8 / 255, k=0.1, overwrite=True, progress=not args.quiet)
+    print(result.table())
+    print(f"\n2/2 training a victim ({args.victim}) on the clean data and on the release ...", flush=True)
+    res = evaluate(data, result.release_path, victim=args.victim, epochs=args.epochs, out=out,
+                   progress=not args.quiet)
+    print()
+    print(res.table())
+    drop = res.clean["test"]["acc"] - res.release["test"]["acc"]
+    print(f"\nThe victim trained on the release lost {drop:.1%} clean test accuracy. Figures: "
+          f"{out / 'protection.png'}, {out / 'learning_curves.png'} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from .ops import available_backends
+
+    for status in available_backends().values():
+        print(status)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__main__.py").exists():
+        raise UsageError("the benchmarks live in the source tree's bench/ folder: run from a clone of salm-fast")
+    sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
+
+    return int(bench_main(args.rest) or 0)
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .models import MODELS
+    from .ops import BACKENDS
+
+    p = argparse.ArgumentParser(prog="salm-fast", description="Protect medical image datasets from unauthorized "
+                                "training (unlearnable examples with sparse saliency masks).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("protect", help="perturb a dataset; write the release, a summary and a figure")
+    pr.add_argument("--data", required=True, help="MedMNIST .npz, an image folder with labels.csv, or 'synthetic'")
+    pr.add_argument("--method", default="salm", choices=sorted(METHODS))
+    pr.add_argument("--eps", type=parse_eps, default=8 / 255, help="L-inf budget: 8/255 (default), 0.03 or 8")
+    pr.add_argument("--k", type=parse_k, default=None, help="masked methods: pixels per image (80) or fraction "
+                    "(0.1, 10%%); SALM default 0.1")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--splits", default="train", help="'train' (default), 'all', or a comma list")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--rounds", type=int, default=None, help="cap on bi-level rounds")
+    pr.add_argument("--noise", choices=["generator", "pgd"], default=None, help="SALM: generator (default) or PGD")
+    pr.add_argument("--mask-refresh", type=int, default=None, help="SALM: refresh the mask every N rounds")
+    pr.add_argument("--classes", type=parse_classes, default=None, help="SALM: protect only these classes (0,2)")
+    pr.add_argument("--poison-ratio", type=float, default=None, help="SALM: fraction of images to perturb")
+    pr.add_argument("--backend", choices=list(BACKENDS), default=None, help="force a kernel backend")
+    pr.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/work")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing release in OUT")
+    pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/work/checkpoint.pt (holds the noise)")
+    pr.add_argument("--no-figure", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_protect)
+
+    ev = sub.add_parser("evaluate", help="train a victim on clean vs released data; print the table")
+    ev.add_argument("--clean", required=True, help="the clean dataset (its test split is the judge)")
+    ev.add_argument("--release", required=True, help="the released dataset")
+    ev.add_argument("--victim", default="resnet18", choices=sorted(MODELS))
+    ev.add_argument("--defense", default=None, help="counter-measures joined by '+', e.g. jpeg-10, cutout+mixup, adv-8")
+    ev.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
+    ev.add_argument("--epochs", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ev.add_argument("--out", default=None, help="folder for evaluation.json and learning_curves.png")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    de = sub.add_parser("demo", help="synthetic data: protect with SALM, evaluate a small victim, print the table")
+    de.add_argument("--out", default="salm-fast-demo")
+    de.add_argument("--victim", default="cnn", choices=sorted(MODELS))
+    de.add_argument("--epochs", type=int, default=15)
+    de.add_argument("--quiet", action="store_true")
+    de.set_defaults(func=cmd_demo)
+
+    be = sub.add_parser("backends", help="which kernel backends can run here")
+    be.set_defaults(func=cmd_backends)
+
+    bn = sub.add_parser("bench", help="benchmarks (source checkout): kernels, ...")
+    bn.add_argument("rest", nargs=argparse.REMAINDER)
+    bn.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "splits", None) not in (None, "train", "all"):
+        args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+        print(f"salm-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("salm-fast: interrupted (protect --resume continues from the last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "parse_eps", "parse_k"]

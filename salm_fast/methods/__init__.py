@@ -1,0 +1,32 @@
+"""Protection methods, one class per file behind :class:`~.base.Method`.
+
+``make_method("salm", eps=8/255, k=0.1)`` builds one by name; :data:`METHODS` lists them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import BiLevelMethod, Method, Protection
+from .classwise import ClassWiseEM
+from .generator_em import GeneratorEM
+from .random_noise import RandomNoise
+from .salm import SALM
+from .samplewise import SampleWiseEM
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (SALM, SampleWiseEM, ClassWiseEM, GeneratorEM, RandomNoise)
+}
+
+
+def make_method(name: str, **options: Any) -> Method:
+    """A method by name with its options (eps, k, seed, and method-specific ones)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    cls = METHODS[name]
+    try:
+        return cls(**options)
+    except TypeError as exc:  # an option this method does not take
+        raise ValueError(f"{name}: {exc}") from None
+
+
+__all__ = ["METHODS", "BiLevelMethod", "Method", "Protection", "make_method", *(c.__name__ for c in METHODS.values())]

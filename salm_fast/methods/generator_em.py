@@ -1,0 +1,59 @@
+"""Generator-based error-minimizing noise: the amortized anti-learning perturbation of the
+bi-level formulation (Ye et al. 2023; in the spirit of the generative unlearnable-examples
+line of work): a network maps each image to its perturbation and is trained by the
+min-min loop. Unmasked (every pixel may change). Once trained, it protects images added
+later in one forward pass (:meth:`GeneratorEM.perturb`).
+
+This is the plain generator: no class-wise texture code, so it shows what the min-min
+loop finds on its own; SALM adds the saliency mask and the code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..bilevel import BiLevelConfig
+from ..generator import NoiseGenerator
+from ..noise import GeneratorNoise
+from .base import BiLevelMethod
+
+
+class GeneratorEM(BiLevelMethod):
+    name = "generator"
+    paper = "generator-based error-minimizing noise (bi-level min-min, amortized)"
+    code = False  # SALM overrides: class-wise texture code
+
+    def __init__(self, eps: float = 8 / 255, *, seed: int = 0, k: int | float | None = None,
+                 loop: BiLevelConfig | None = None, surrogate: str = "cnn-half", generator_steps: int = 20,
+                 generator_lr: float = 1e-3, width: int = 32):
+        super().__init__(eps, seed=seed, k=k, loop=loop, surrogate=surrogate)
+        self.generator_steps, self.generator_lr, self.width = generator_steps, generator_lr, width
+        self.net: NoiseGenerator | None = None
+
+    @classmethod
+    def default_loop(cls) -> BiLevelConfig:
+        return BiLevelConfig(max_rounds=20, surrogate_steps=20, surrogate_reset_every=5, min_rounds=5,
+                             augment=True)
+
+    def options(self):
+        return {**super().options(), "generator_steps": self.generator_steps, "generator_lr": self.generator_lr,
+                "width": self.width, "code": self.code}
+
+    def make_noise(self, x, y, n_classes, mask):
+        self.net = NoiseGenerator(x.shape[1], n_classes, self.eps, width=self.width, code=self.code)
+        return GeneratorNoise(self.net, self.eps, steps=self.generator_steps, lr=self.generator_lr)
+
+    @torch.no_grad()
+    def perturb(self, x: Tensor, y: Tensor, mask: Tensor | None = None, batch_size: int = 1024) -> Tensor:
+        """Protect new images with the trained generator, one forward pass per batch."""
+        if self.net is None:
+            raise RuntimeError(f"{self.name}: fit() first; the generator is not trained")
+        self.net.eval()
+        if mask is None:
+            mask = x.new_ones((x.shape[0], 1, x.shape[2], x.shape[3]))
+        out = torch.empty_like(x)
+        for s in range(0, len(x), batch_size):
+            sl = slice(s, s + batch_size)
+            out[sl] = ops.masked_linf_project(x[sl], self.net(x[sl], y[sl]), mask[sl], self.eps)
+        return out

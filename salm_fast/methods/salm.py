@@ -1,0 +1,115 @@
+"""SALM: Sparsity-Aware Local Masking for unlearnable medical images.
+
+Phase 1, important-pixel acquisition: a surrogate briefly trained on the clean data
+gives per-pixel input gradients of the cross-entropy; the fused
+``saliency_topk_mask`` keeps the top-K pixels of each image as a sparse mask.
+Phase 2, noise-generator training: a small conv generator maps (image, label) to a
+perturbation ``eps * tanh(.)`` that lives only on the mask; generator and surrogate
+are trained by the bi-level min-min (surrogate steps on the perturbed data, then
+generator steps that minimize the surrogate's loss on it), with the victim's crop +
+flip inside the loop, until the surrogate fits the perturbed data (99%) or a cap.
+
+Medical images are sparse: perturbing only where it matters keeps the search small.
+The generator starts from a class-wise texture code (see :mod:`salm_fast.generator`):
+a fine sign texture per class that any sparse subset of pixels carries and that
+crops and flips do not change, which a victim picks up before the anatomy.
+
+Budget: L-inf ``eps`` and L0 ``k`` pixels per image (int, or a fraction of H*W).
+Options: PGD noise instead of a generator (masked sample-wise error-minimizing),
+mask refresh from the current surrogate, protecting only selected classes, and a
+poison ratio (the fraction of images perturbed).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import surrogate as S
+from ..bilevel import BiLevelConfig
+from ..noise import SampleWiseNoise
+from .base import FitContext
+from .generator_em import GeneratorEM
+
+
+class SALM(GeneratorEM):
+    name = "salm"
+    paper = "SALM: Sparsity-Aware Local Masking (saliency top-K mask + bi-level noise generator)"
+    norm = "Linf+L0"
+    masked = True
+    code = True
+
+    def __init__(self, eps: float = 8 / 255, *, k: int | float = 0.1, seed: int = 0,
+                 noise: str = "generator", code: bool = True, saliency_p: int = 1, mask_epochs: int = 5,
+                 mask_refresh: int = 0, classes: Sequence[int] | None = None, poison_ratio: float = 1.0,
+                 pgd_steps: int = 10, pgd_step_size: float = 2 / 255, loop: BiLevelConfig | None = None,
+                 surrogate: str = "cnn-half", generator_steps: int = 20, generator_lr: float = 1e-3, width: int = 32):
+        super().__init__(eps, seed=seed, k=k, loop=loop, surrogate=surrogate, generator_steps=generator_steps,
+                         generator_lr=generator_lr, width=width)
+        if noise not in ("generator", "pgd"):
+            raise ValueError(f"salm: noise must be 'generator' or 'pgd', got {noise!r}")
+        if saliency_p not in (1, 2):
+            raise ValueError(f"salm: saliency_p must be 1 or 2, got {saliency_p!r}")
+        if not 0 < poison_ratio <= 1:
+            raise ValueError(f"salm: poison_ratio must be in (0, 1], got {poison_ratio}")
+        if mask_epochs < 1 or mask_refresh < 0:
+            raise ValueError("salm: mask_epochs must be >= 1 and mask_refresh >= 0")
+        self.noise_kind, self.code, self.saliency_p = noise, bool(code), saliency_p
+        self.mask_epochs, self.mask_refresh = mask_epochs, mask_refresh
+        self.classes = None if classes is None else sorted({int(c) for c in classes})
+        self.poison_ratio = float(poison_ratio)
+        self.pgd_steps, self.pgd_step_size = pgd_steps, pgd_step_size
+
+    def options(self):
+        return {**super().options(), "noise": self.noise_kind, "saliency_p": self.saliency_p,
+                "mask_epochs": self.mask_epochs, "mask_refresh": self.mask_refresh, "classes": self.classes,
+                "poison_ratio": self.poison_ratio, "pgd_steps": self.pgd_steps, "pgd_step_size": self.pgd_step_size}
+
+    # ---------------------------------------------------------------- phase 1
+    def selected(self, y: Tensor, n_classes: int) -> Tensor:
+        """Which images get protected: the chosen classes, then a seeded poison-ratio draw."""
+        keep = torch.ones(len(y), dtype=torch.bool)
+        if self.classes is not None:
+            bad = [c for c in self.classes if not 0 <= c < n_classes]
+            if bad:
+                raise ValueError(f"salm: classes {bad} are not in [0, {n_classes})")
+            keep = torch.isin(y, torch.tensor(self.classes))
+        if self.poison_ratio < 1:
+            gen = torch.Generator().manual_seed(self.seed + 7919)
+            chosen = torch.zeros(len(y), dtype=torch.bool)
+            candidates = keep.nonzero().flatten()
+            n_pick = round(self.poison_ratio * len(candidates))
+            chosen[candidates[torch.randperm(len(candidates), generator=gen)[:n_pick]]] = True
+            keep = chosen
+        return keep
+
+    def make_mask(self, x, y, n_classes, ctx: FitContext) -> Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        model = self.surrogate_factory(x, n_classes)()
+        self.mask_surrogate_accuracy = S.train_clean(model, x, y, epochs=self.mask_epochs, batch_size=128,
+                                                     lr=1e-3, gen=gen)
+        mask = S.saliency_mask(model, x, y, self.k, p=self.saliency_p)
+        mask[~self.selected(y, n_classes)] = 0
+        return mask
+
+    def refresh_mask(self, trainer) -> None:
+        """Re-rank pixels by the current surrogate's saliency (on the clean images)."""
+        if not self.mask_refresh or trainer.round % self.mask_refresh:
+            return
+        mask = S.saliency_mask(trainer.model, trainer.x, trainer.y, self.k, p=self.saliency_p)
+        mask[trainer.mask.amax(dim=(1, 2, 3)) == 0] = 0  # unselected images stay clean
+        trainer.mask = mask
+        trainer.noise.on_mask_change(trainer.x, mask)
+
+    def round_hooks(self):
+        return [self.refresh_mask] if self.mask_refresh else []
+
+    def extra_info(self):
+        return {"mask_surrogate_accuracy": getattr(self, "mask_surrogate_accuracy", None)}
+
+    # ---------------------------------------------------------------- phase 2
+    def make_noise(self, x, y, n_classes, mask):
+        if self.noise_kind == "generator":
+            return super().make_noise(x, y, n_classes, mask)
+        return SampleWiseNoise(tuple(x.shape), self.eps, steps=self.pgd_steps, step_size=self.pgd_step_size)

@@ -1,0 +1,182 @@
+"""What the bi-level loop optimizes: one perturbation per image, per class, or a generator.
+
+Each :class:`Noise` gives the current perturbation of a batch (already restricted to
+the mask, clipped to the L-inf budget and kept inside [0, 1] by the fused
+``masked_linf_project``) and runs the perturbation half of a round. All updates go
+through ``salm_fast.ops`` (``pgd_step`` for PGD noise, ``masked_linf_project`` with
+autograd for the generator), so the hot loop runs on the fused kernels.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+if TYPE_CHECKING:
+    from .bilevel import BiLevelTrainer
+
+
+class Noise(ABC):
+    """A parametrized, budget-bounded perturbation."""
+
+    def __init__(self, eps: float, *, sign: int = -1):
+        self.eps = float(eps)
+        self.sign = sign  # -1: error-minimizing (unlearnable); +1: error-maximizing (adversarial)
+
+    @abstractmethod
+    def delta(self, idx: Tensor, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+        """The projected perturbation of images ``idx`` (their pixels x, labels y, mask)."""
+
+    @abstractmethod
+    def optimize(self, trainer: BiLevelTrainer) -> tuple[float, int, dict]:
+        """The perturbation half of a round: (last loss, images processed, extra log fields)."""
+
+    def on_mask_change(self, x: Tensor, mask: Tensor) -> None:
+        """The mask was refreshed: stored perturbations must move inside the new one."""
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @torch.no_grad()
+    def export(self, x: Tensor, y: Tensor, mask: Tensor, batch_size: int = 1024) -> Tensor:
+        """The perturbation of every image, N x C x H x W."""
+        out = torch.empty_like(x)
+        for start in range(0, len(x), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(x)))
+            out[idx] = self.delta(idx, x[idx], y[idx], mask[idx])
+        return out
+
+
+def _input_grad(trainer: BiLevelTrainer, xb: Tensor, yb: Tensor, d: Tensor) -> tuple[Tensor, float]:
+    d = d.detach().requires_grad_(True)
+    loss = trainer.loss(xb + d, yb)
+    (g,) = torch.autograd.grad(loss, d)
+    return g, float(loss)
+
+
+class SampleWiseNoise(Noise):
+    """One perturbation per image, optimized by PGD (Huang et al., ICLR 2021, for sign=-1).
+
+    Each round is one pass over the data in batches, ``steps`` PGD steps of size
+    ``step_size`` per batch, warm-started from the current perturbation.
+    """
+
+    def __init__(self, shape: tuple[int, ...], eps: float, *, steps: int = 20, step_size: float = 0.8 / 255,
+                 batch_size: int = 256, sign: int = -1, init: Tensor | None = None):
+        super().__init__(eps, sign=sign)
+        self.steps, self.step_size, self.batch_size = steps, step_size, batch_size
+        self.buffer = torch.zeros(shape) if init is None else init.clone()
+
+    def delta(self, idx, x, y, mask):
+        return self.buffer[idx]
+
+    def on_mask_change(self, x, mask):
+        self.buffer = ops.masked_linf_project(x, self.buffer, mask, self.eps)
+
+    def optimize(self, trainer):
+        loss = 0.0
+        n = len(trainer.x)
+        order = torch.randperm(n, generator=trainer.gen)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            xb, yb, mb = trainer.x[idx], trainer.y[idx], trainer.mask[idx]
+            d = self.buffer[idx]
+            for _ in range(self.steps):
+                g, loss = _input_grad(trainer, xb, yb, d)
+                ops.pgd_step(xb, d, g, mb, self.eps, self.step_size, self.sign, out=d)
+            self.buffer[idx] = d
+        return loss, n * self.steps, {}
+
+    def state_dict(self):
+        return {"buffer": self.buffer}
+
+    def load_state_dict(self, state):
+        self.buffer = state["buffer"].clone()
+
+
+class ClassWiseNoise(Noise):
+    """One perturbation per class, shared by all its images, optimized by PGD.
+
+    The class pattern is clipped to [-eps, eps]; each image then sees it restricted to
+    its own mask and cut to keep its pixels in [0, 1].
+    """
+
+    def __init__(self, n_classes: int, image_shape: tuple[int, ...], eps: float, *, steps: int = 20,
+                 step_size: float = 0.8 / 255, batch_size: int = 256, sign: int = -1):
+        super().__init__(eps, sign=sign)
+        self.steps, self.step_size, self.batch_size = steps, step_size, batch_size
+        self.patterns = torch.zeros((n_classes, *image_shape))
+        # For the pattern itself only the eps clip applies: a mid-grey "image" and a full
+        # mask make the fused projection's box and mask inactive.
+        self._grey = torch.full_like(self.patterns, 0.5)
+        self._full = torch.ones((n_classes, 1, *image_shape[1:]))
+
+    def delta(self, idx, x, y, mask):
+        return ops.masked_linf_project(x, self.patterns[y], mask, self.eps)
+
+    def optimize(self, trainer):
+        loss = 0.0
+        n = len(trainer.x)
+        order = torch.randperm(n, generator=trainer.gen)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            xb, yb, mb = trainer.x[idx], trainer.y[idx], trainer.mask[idx]
+            for _ in range(self.steps):
+                p = self.patterns.detach().requires_grad_(True)
+                lo = trainer.loss(xb + ops.masked_linf_project(xb, p[yb], mb, self.eps), yb)
+                (g,) = torch.autograd.grad(lo, p)
+                ops.pgd_step(self._grey, self.patterns, g, self._full, self.eps, self.step_size, self.sign,
+                             out=self.patterns)
+                loss = float(lo)
+        return loss, n * self.steps, {}
+
+    def state_dict(self):
+        return {"patterns": self.patterns}
+
+    def load_state_dict(self, state):
+        self.patterns = state["patterns"].clone()
+
+
+class GeneratorNoise(Noise):
+    """A generator network maps (image, label) to a perturbation; trained with Adam.
+
+    The generator's raw output is ``eps * tanh(.)``; the fused projection (with autograd)
+    then restricts it to the mask and to [0, 1], so the generator learns inside the mask.
+    Being amortized, a trained generator protects new images in one forward pass.
+    """
+
+    def __init__(self, net: nn.Module, eps: float, *, steps: int = 20, lr: float = 1e-3,
+                 sign: int = -1):
+        super().__init__(eps, sign=sign)
+        self.net, self.steps = net, steps
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def delta(self, idx, x, y, mask):
+        return ops.masked_linf_project(x, self.net(x, y), mask, self.eps)
+
+    def optimize(self, trainer):
+        self.net.train()
+        loss = torch.zeros(())
+        for _ in range(self.steps):
+            idx = trainer._sample()
+            xb, yb = trainer.x[idx], trainer.y[idx]
+            loss = trainer.loss(xb + self.delta(idx, xb, yb, trainer.mask[idx]), yb)
+            self.opt.zero_grad(set_to_none=True)
+            (-self.sign * loss).backward()  # sign -1 minimizes the loss
+            self.opt.step()
+        self.net.eval()
+        return float(loss.detach()), self.steps * trainer.cfg.batch_size, {}
+
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])

@@ -1,0 +1,87 @@
+"""The release: perturbations quantized onto the uint8 grid, and the budget checked on the bytes.
+
+What is released is what is judged. A float perturbation is turned into whole 8-bit
+levels here, once, so that every evaluation trains on exactly the stored bytes:
+
+* each nonzero perturbation moves its pixel by at least one level (plain rounding
+  would silently erase every |delta| < 0.5/255) and by at most ``floor(eps * 255)``
+  levels, so the L-inf budget holds on the stored bytes, not just on the float tensor;
+* pixels the perturbation leaves at 0 stay byte-identical, so L0 never grows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LEVELS = 255
+
+
+def budget_levels(eps: float) -> int:
+    """The largest whole number of 8-bit levels within an L-inf budget ``eps`` (in [0, 1] units)."""
+    return int(math.floor(eps * LEVELS + 1e-6))
+
+
+def check_release_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and 0 < eps <= 1):
+        raise ValueError(f"eps must be in (0, 1] (e.g. 8/255), got {eps}")
+    if budget_levels(eps) < 1:
+        raise ValueError(f"eps={eps:.5f} is below one 8-bit level (1/255): a uint8 release cannot hold it")
+
+
+def quantize_release(images: Tensor, delta: Tensor, eps: float) -> Tensor:
+    """uint8 images N x C x H x W + float perturbation (same shape, [0, 1] units) -> uint8 release."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8, got {images.dtype}")
+    if delta.shape != images.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)}, images {tuple(images.shape)}")
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError("delta contains NaN or inf")
+    levels = budget_levels(eps)
+    scaled = delta.double() * LEVELS
+    magnitude = scaled.abs().round().clamp(1, levels)  # >= 1 level where delta != 0
+    step = torch.where(scaled != 0, torch.sign(scaled) * magnitude, torch.zeros_like(scaled))
+    out = (images.to(torch.int16) + step.to(torch.int16)).clamp(0, LEVELS)
+    return out.to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """Measured on the stored bytes of the perturbed split."""
+
+    linf: float  # max |release - clean| in [0, 1] units
+    linf_levels: int  # the same in 8-bit levels
+    l0_fraction: float  # pixels changed in any channel / all pixels
+    l0_max_per_image: int  # most pixels changed in one image
+    changed_images: int
+    n_images: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def measure_budget(clean: np.ndarray | Tensor, release: np.ndarray | Tensor) -> BudgetReport:
+    """L-inf and L0 of a release against its clean images, both uint8 in storage layout
+    (N x H x W for gray, N x H x W x C for colour, as MedMNIST stores them)."""
+    a = torch.as_tensor(np.asarray(clean)).to(torch.int16)
+    b = torch.as_tensor(np.asarray(release)).to(torch.int16)
+    if a.shape != b.shape:
+        raise ValueError(f"clean {tuple(a.shape)} and release {tuple(b.shape)} differ in shape")
+    if a.dim() not in (3, 4):
+        raise ValueError(f"expected N x H x W or N x H x W x C images, got shape {tuple(a.shape)}")
+    diff = (a - b).abs()
+    changed = diff.amax(dim=-1) > 0 if a.dim() == 4 else diff > 0  # a pixel: any channel
+    n = a.shape[0]
+    per_image = changed.reshape(n, -1).sum(1)
+    linf_levels = int(diff.max()) if diff.numel() else 0
+    return BudgetReport(
+        linf=linf_levels / LEVELS,
+        linf_levels=linf_levels,
+        l0_fraction=float(changed.float().mean()),
+        l0_max_per_image=int(per_image.max()) if n else 0,
+        changed_images=int((per_image > 0).sum()),
+        n_images=n,
+    )
