@@ -15,9 +15,23 @@ def _kernels(argv: Sequence[str]) -> int:
     return kernels.main(argv)
 
 
+def _speed(argv: Sequence[str]) -> int:
+    from bench import speed
+
+    return speed.main(argv)
+
+
+def _real(argv: Sequence[str]) -> int:
+    from bench import real
+
+    return real.main(argv)
+
+
 #: name -> (one-line help, entry point taking the remaining argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "kernels": ("fused ops: eager PyTorch vs the torch reference vs the native backend", _kernels),
+    "speed": ("protection speed: the classic error-minimizing loop vs ours, same data and surrogate", _speed),
+    "real": ("protection on real MedMNIST: every method vs a victim, clean reference included", _real),
 }
 
 

@@ -38,6 +38,7 @@ from .data import (
     save_image_folder,
     save_medmnist,
 )
+from .data.atomic import check_writable_dir
 from .methods import METHODS, make_method
 from .release import budget_levels, check_release_eps, measure_budget, quantize_release
 
@@ -52,7 +53,8 @@ def _as_dataset(data: str | Path | Dataset) -> Dataset:
 
 
 def _storage_to_nchw(images: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(images))
+    # np.array copies: a Split's arrays are read-only and torch.from_numpy warns on those.
+    t = torch.from_numpy(np.array(images))
     return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
 
 
@@ -83,6 +85,15 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "salm_fast": __version__, "python": platform.python_version()}
+
+
+def check_out_dir(out: Path) -> None:
+    """``out`` is a writable folder, or one that can be created (its nearest existing ancestor is a
+    writable folder); raise UnwritableOutputError before any work otherwise. Creates nothing."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    check_writable_dir(existing, out)
 
 
 def release_path_for(ds: Dataset, out: Path) -> Path:
@@ -140,16 +151,18 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
         pass  # validates the backend before the long part
     ds = _as_dataset(data)
     chosen = _resolve_splits(ds, splits)
+    algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
     out = Path(out)
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     target = release_path_for(ds, out)
     check_writable(out / SUMMARY, overwrite=True)
-    if target.exists() and not (overwrite or resume):
+    if target.exists() and not (overwrite or (resume and (out / WORKDIR / "checkpoint.pt").exists())):
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
 
     counts = [len(ds[s]) for s in chosen]
     clean_u8 = torch.cat([_storage_to_nchw(ds[s].images) for s in chosen])
-    labels = torch.cat([torch.from_numpy(ds[s].labels[:, 0]) for s in chosen]).long()
+    labels = torch.cat([torch.from_numpy(np.array(ds[s].labels[:, 0])) for s in chosen]).long()
     x = clean_u8.float() / 255
 
     t0 = time.perf_counter()
@@ -294,8 +307,10 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
     if victim not in MODELS:
         raise ValueError(f"unknown victim {victim!r}; choose one of {', '.join(MODELS)}")
     plan = parse_defenses(defense)  # validates the names before any training
-    if out is not None:
-        check_writable(Path(out) / "evaluation.json", overwrite=True)
+    if out is not None:  # created only once everything is checked
+        check_out_dir(Path(out))
+        if Path(out).is_dir():
+            check_writable(Path(out) / "evaluation.json", overwrite=True)
     clean_ds, release_ds = _as_dataset(clean), _as_dataset(release)
     _check_pair(clean_ds, release_ds)
     test = clean_ds["test"]
@@ -318,6 +333,7 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
                             "machine": machine_info()})
     if out is not None:
         out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "evaluation.json", json.loads(json.dumps(res.as_dict(), default=_json_default)))
         from .figures import learning_curves
 

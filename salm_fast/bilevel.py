@@ -45,8 +45,29 @@ class BiLevelConfig:
     batch_size: int = 128  # images per surrogate / perturbation batch
     stop_accuracy: float = 0.99  # stop once the surrogate fits the perturbed data this well
     min_rounds: int = 1  # never stop before this many rounds
+    eval_images: int = 0  # images the stop rule's accuracy is measured on (0: all; else a fixed seeded subset)
+    precision: str = "auto"  # surrogate forward/backward: auto (from the CPU, see victims.precision) | fp32 | bf16
     augment: bool = True  # crop + flip inside the loop (augmentation-aware noise)
     seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError on settings the loop cannot run with (0 rounds would release clean images)."""
+        ints = ("max_rounds", "surrogate_steps", "surrogate_reset_every", "batch_size", "min_rounds", "eval_images",
+                "seed")
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"loop: {name} must be an int, got {value!r}")
+        if self.max_rounds < 1 or self.surrogate_steps < 1 or self.batch_size < 1:
+            raise ValueError(f"loop: max_rounds ({self.max_rounds}), surrogate_steps ({self.surrogate_steps}) and "
+                             f"batch_size ({self.batch_size}) must be >= 1")
+        if not 0 <= self.min_rounds <= self.max_rounds:
+            raise ValueError(f"loop: min_rounds must be in [0, max_rounds={self.max_rounds}], got {self.min_rounds}")
+        if self.surrogate_reset_every < 0 or self.eval_images < 0 or self.seed < 0:
+            raise ValueError("loop: surrogate_reset_every, eval_images and seed must be >= 0")
+        if not (self.surrogate_lr > 0 and 0 <= self.stop_accuracy):
+            raise ValueError(f"loop: surrogate_lr must be > 0 and stop_accuracy >= 0, got {self.surrogate_lr}, "
+                             f"{self.stop_accuracy}")
 
 
 @dataclass
@@ -54,7 +75,7 @@ class RoundLog:
     round: int
     surrogate_loss: float
     noise_loss: float
-    surrogate_accuracy: float  # on the perturbed training data, no augmentation
+    surrogate_accuracy: float  # on the perturbed training data (or its eval subset), no augmentation
     seconds: float  # wall time of this round
     images_per_second: float  # perturbation images processed per second in this round
     extra: dict = field(default_factory=dict)
@@ -70,25 +91,45 @@ class BiLevelTrainer:
     def __init__(self, surrogate_factory: Callable[[], nn.Module], noise: Noise, x: Tensor, y: Tensor,
                  mask: Tensor, config: BiLevelConfig, *, log_path: str | Path | None = None,
                  checkpoint_path: str | Path | None = None, progress: bool = False,
-                 description: str = "protect", round_hooks: list[Callable[[BiLevelTrainer], None]] | None = None):
+                 description: str = "protect", round_hooks: list[Callable[[BiLevelTrainer], None]] | None = None,
+                 settings: dict | None = None):
+        config.validate()
         self.factory, self.noise, self.cfg = surrogate_factory, noise, config
+        # What else defines the run (method, its options, the data): a checkpoint resumes only under the same.
+        self.settings = dict(settings or {})
         self.x, self.y, self.mask = x, y, mask
         self.log_path = Path(log_path) if log_path else None
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress, self.description = progress, description
         self.round_hooks = list(round_hooks or [])  # called after each round, before the checkpoint
         self.gen = torch.Generator().manual_seed(config.seed)
+        n_eval = config.eval_images if 0 < config.eval_images < len(x) else len(x)
+        # A fixed subset, drawn from its own stream so that it does not shift the loop's randomness.
+        self.eval_idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed + 1))[:n_eval]
         self.augment = CropFlip() if config.augment else None
         self.round = 0
         self.history: list[RoundLog] = []
         self.stopped_because = ""
         self._new_surrogate()
+        self.precision, self.precision_reason = self._choose_precision()
 
     # ----------------------------------------------------------------- pieces
     def _new_surrogate(self) -> None:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
         self.model = self.factory()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.surrogate_lr)
+
+    def _choose_precision(self) -> tuple[str, str]:
+        from .victims.precision import choose_precision
+
+        return choose_precision(self.cfg.precision, self.x.device, model=self.factory(),
+                                sample_shape=(min(self.cfg.batch_size, 64), *self.x.shape[1:]),
+                                num_classes=int(self.y.max()) + 1)
+
+    def autocast(self):
+        from .victims.precision import autocast
+
+        return autocast(self.precision, self.x.device)
 
     def augmented(self, xb: Tensor, yb: Tensor) -> Tensor:
         """The victim's augmentation, differentiable w.r.t. the perturbation inside ``xb``."""
@@ -97,7 +138,9 @@ class BiLevelTrainer:
         return self.augment(xb, yb, self.gen)[0]
 
     def loss(self, xb: Tensor, yb: Tensor) -> Tensor:
-        return F.cross_entropy(S.logits(self.model, self.augmented(xb, yb)), yb)
+        with self.autocast():
+            out = S.logits(self.model, self.augmented(xb, yb))
+        return F.cross_entropy(out.float(), yb)
 
     def _sample(self) -> Tensor:
         return torch.randint(0, len(self.x), (min(self.cfg.batch_size, len(self.x)),), generator=self.gen)
@@ -119,11 +162,12 @@ class BiLevelTrainer:
     def perturbed_accuracy(self) -> float:
         self.model.eval()
         correct = 0
-        for start in range(0, len(self.x), 1024):
-            idx = torch.arange(start, min(start + 1024, len(self.x)))
+        for start in range(0, len(self.eval_idx), 1024):
+            idx = self.eval_idx[start:start + 1024]
             xb = self.x[idx] + self.noise.delta(idx, self.x[idx], self.y[idx], self.mask[idx])
-            correct += int((S.logits(self.model, xb).argmax(1) == self.y[idx]).sum())
-        return correct / len(self.x)
+            with self.autocast():
+                correct += int((S.logits(self.model, xb).argmax(1) == self.y[idx]).sum())
+        return correct / len(self.eval_idx)
 
     # ----------------------------------------------------------------- loop
     def run(self) -> list[RoundLog]:
@@ -170,12 +214,14 @@ class BiLevelTrainer:
         return {
             "version": CHECKPOINT_VERSION,
             "config": asdict(self.cfg),
+            "settings": self.settings,
             "round": self.round,
             "surrogate": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "noise": self.noise.state_dict(),
             "mask": self.mask,
             "generator_state": self.gen.get_state(),
+            "precision": [self.precision, self.precision_reason],
             "history": [asdict(h) for h in self.history],
             "stopped_because": self.stopped_because,
         }
@@ -197,12 +243,19 @@ class BiLevelTrainer:
             changed = sorted(k for k in state["config"] if state["config"][k] != asdict(self.cfg).get(k))
             raise ValueError(f"{path}: the checkpoint was made with different settings ({', '.join(changed)}); "
                              "resume with the same settings or start afresh")
+        saved = state.get("settings", self.settings)  # absent from checkpoints written before it was recorded
+        if saved != self.settings:
+            changed = sorted(k for k in saved.keys() | self.settings.keys() if saved.get(k) != self.settings.get(k))
+            raise ValueError(f"{path}: the checkpoint was made with different settings ({', '.join(changed)}); "
+                             "resume with the same settings or start afresh")
         self.round = state["round"]
         self.model.load_state_dict(state["surrogate"])
         self.opt.load_state_dict(state["optimizer"])
         self.noise.load_state_dict(state["noise"])
         self.mask = state["mask"]
         self.gen.set_state(state["generator_state"])
+        # The precision chosen when the run began, not a new (timing-based) choice.
+        self.precision, self.precision_reason = state["precision"]
         self.history = [RoundLog(**h) for h in state["history"]]
         self.stopped_because = state.get("stopped_because", "")
         if self.log_path is not None:  # the log always matches the checkpoint it belongs to

@@ -22,6 +22,14 @@ class UsageError(ValueError):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises :class:`UsageError` (one line on stderr, exit 2, from ``main``)
+    instead of printing the whole usage; subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def parse_eps(text: str) -> float:
     """'8/255', '0.0314' or '8' (levels, when > 1) -> a budget in [0, 1] units."""
     try:
@@ -52,25 +60,10 @@ def parse_classes(text: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ commands
-def _loop_overrides(args) -> dict:
-    from .bilevel import BiLevelConfig
-    from .methods import METHODS
-
-    if args.rounds is None:
-        return {}
-    cls = METHODS[args.method]
-    if not hasattr(cls, "default_loop"):
-        raise UsageError(f"--rounds applies to bi-level methods; {args.method} has no rounds")
-    loop: BiLevelConfig = cls.default_loop()
-    loop.max_rounds = args.rounds
-    loop.min_rounds = min(loop.min_rounds, args.rounds)
-    return {"loop": loop}
-
-
 def cmd_protect(args) -> int:
     from .api import protect
 
-    options = _loop_overrides(args)
+    options = {} if args.rounds is None else {"rounds": args.rounds}
     for name in ("noise", "mask_refresh", "classes", "poison_ratio"):
         value = getattr(args, name)
         if value is not None:
@@ -118,6 +111,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from .experiment import Grid
+
+    grid = Grid(args.root, args.datasets, args.methods, args.victims, args.defenses, args.seeds,
+                epochs=args.epochs, precision=args.precision, augment=args.augment)
+    grid.run(progress=not args.quiet)
+    if args.report:
+        from .report import build_report
+
+        print(f"report: {build_report(args.root)}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    print(f"report: {build_report(args.root, args.out)}")
+    return 0
+
+
 def cmd_backends(args) -> int:
     from .ops import available_backends
 
@@ -142,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
     from .ops import BACKENDS
 
-    p = argparse.ArgumentParser(prog="salm-fast", description="Protect medical image datasets from unauthorized "
-                                "training (unlearnable examples with sparse saliency masks).")
+    p = _Parser(prog="salm-fast", description="Protect medical image datasets from unauthorized "
+                "training (unlearnable examples with sparse saliency masks).")
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("protect", help="perturb a dataset; write the release, a summary and a figure")
@@ -188,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--quiet", action="store_true")
     de.set_defaults(func=cmd_demo)
 
+    ex = sub.add_parser("experiment", help="a cached, resumable grid: datasets x methods x victims x defenses x seeds")
+    ex.add_argument("--root", required=True, help="folder for releases, cells and the results table")
+    ex.add_argument("--datasets", nargs="+", required=True, help="dataset paths or specs (e.g. synthetic)")
+    ex.add_argument("--methods", nargs="+", required=True,
+                    help="method specs: clean, salm, salm:k=0.05, salm:k=0.1,noise=pgd, samplewise, random, ...")
+    ex.add_argument("--victims", nargs="+", default=["resnet18"], choices=sorted(MODELS))
+    ex.add_argument("--defenses", nargs="+", default=["none"], help="none, jpeg-10, cutout, mixup+crop_flip, adv-8, ...")
+    ex.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ex.add_argument("--epochs", type=int, default=None)
+    ex.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
+    ex.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ex.add_argument("--report", action="store_true", help="write ROOT/report/report.md when done")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(func=cmd_experiment)
+
+    rp = sub.add_parser("report", help="Markdown + PNG report from an experiment grid")
+    rp.add_argument("--root", required=True)
+    rp.add_argument("--out", default=None, help="report folder (default ROOT/report)")
+    rp.set_defaults(func=cmd_report)
+
     be = sub.add_parser("backends", help="which kernel backends can run here")
     be.set_defaults(func=cmd_backends)
 
@@ -199,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "splits", None) not in (None, "train", "all"):
-        args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     try:
+        args = parser.parse_args(argv)
+        if getattr(args, "splits", None) not in (None, "train", "all"):
+            args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: FileExistsError, PermissionError, ...
         print(f"salm-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -91,7 +91,7 @@ class NoiseGenerator(nn.Module):
             planes.append(onehot[:, :, None, None].expand(n, self.n_classes, h, w))
         if self.parity:
             planes.append(parity_planes(h, w, x.device, x.dtype).unsqueeze(0).expand(n, 3, h, w))
-        raw = self.net(torch.cat(planes, dim=1))
+        raw = self.net(torch.cat(planes, dim=1)).to(x.dtype)  # fp32 out of a bf16 autocast region
         if self.code is not None:
             reps = (math.ceil(h / TILE), math.ceil(w / TILE))
             raw = raw + self.code.repeat(1, 1, *reps)[:, :, :h, :w][y]

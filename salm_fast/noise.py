@@ -58,7 +58,7 @@ def _input_grad(trainer: BiLevelTrainer, xb: Tensor, yb: Tensor, d: Tensor) -> t
     d = d.detach().requires_grad_(True)
     loss = trainer.loss(xb + d, yb)
     (g,) = torch.autograd.grad(loss, d)
-    return g, float(loss)
+    return g, float(loss.detach())
 
 
 class SampleWiseNoise(Noise):
@@ -69,9 +69,12 @@ class SampleWiseNoise(Noise):
     """
 
     def __init__(self, shape: tuple[int, ...], eps: float, *, steps: int = 20, step_size: float = 0.8 / 255,
-                 batch_size: int = 256, sign: int = -1, init: Tensor | None = None):
+                 batch_size: int = 256, sign: int = -1, init: Tensor | None = None, done_loss: float = 0.0):
         super().__init__(eps, sign=sign)
         self.steps, self.step_size, self.batch_size = steps, step_size, batch_size
+        # Error-minimizing only: a batch whose loss is already below done_loss needs no more
+        # steps this round (0 disables the early exit: the reference semantics).
+        self.done_loss = done_loss
         self.buffer = torch.zeros(shape) if init is None else init.clone()
 
     def delta(self, idx, x, y, mask):
@@ -81,7 +84,7 @@ class SampleWiseNoise(Noise):
         self.buffer = ops.masked_linf_project(x, self.buffer, mask, self.eps)
 
     def optimize(self, trainer):
-        loss = 0.0
+        loss, steps_done = 0.0, 0
         n = len(trainer.x)
         order = torch.randperm(n, generator=trainer.gen)
         for start in range(0, n, self.batch_size):
@@ -90,9 +93,12 @@ class SampleWiseNoise(Noise):
             d = self.buffer[idx]
             for _ in range(self.steps):
                 g, loss = _input_grad(trainer, xb, yb, d)
+                if self.sign < 0 and loss < self.done_loss:
+                    break
                 ops.pgd_step(xb, d, g, mb, self.eps, self.step_size, self.sign, out=d)
+                steps_done += len(idx)
             self.buffer[idx] = d
-        return loss, n * self.steps, {}
+        return loss, steps_done, {}
 
     def state_dict(self):
         return {"buffer": self.buffer}
@@ -134,7 +140,7 @@ class ClassWiseNoise(Noise):
                 (g,) = torch.autograd.grad(lo, p)
                 ops.pgd_step(self._grey, self.patterns, g, self._full, self.eps, self.step_size, self.sign,
                              out=self.patterns)
-                loss = float(lo)
+                loss = float(lo.detach())
         return loss, n * self.steps, {}
 
     def state_dict(self):
@@ -164,15 +170,17 @@ class GeneratorNoise(Noise):
     def optimize(self, trainer):
         self.net.train()
         loss = torch.zeros(())
+        n_images = 0
         for _ in range(self.steps):
             idx = trainer._sample()
+            n_images += len(idx)
             xb, yb = trainer.x[idx], trainer.y[idx]
             loss = trainer.loss(xb + self.delta(idx, xb, yb, trainer.mask[idx]), yb)
             self.opt.zero_grad(set_to_none=True)
             (-self.sign * loss).backward()  # sign -1 minimizes the loss
             self.opt.step()
         self.net.eval()
-        return float(loss.detach()), self.steps * trainer.cfg.batch_size, {}
+        return float(loss.detach()), n_images, {}
 
     def state_dict(self):
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}

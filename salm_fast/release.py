@@ -40,6 +40,7 @@ def quantize_release(images: Tensor, delta: Tensor, eps: float) -> Tensor:
         raise ValueError(f"delta has shape {tuple(delta.shape)}, images {tuple(images.shape)}")
     if not bool(torch.isfinite(delta).all()):
         raise ValueError("delta contains NaN or inf")
+    check_release_eps(eps)  # eps < 1/255 would clamp every step to 0 and silently erase the perturbation
     levels = budget_levels(eps)
     scaled = delta.double() * LEVELS
     magnitude = scaled.abs().round().clamp(1, levels)  # >= 1 level where delta != 0
@@ -63,11 +64,18 @@ class BudgetReport:
         return dict(self.__dict__)
 
 
+def _as_tensor(images: np.ndarray | Tensor) -> Tensor:
+    # np.array copies: stored splits are read-only arrays, which torch.from_numpy warns about.
+    return images if isinstance(images, Tensor) else torch.from_numpy(np.array(images))
+
+
 def measure_budget(clean: np.ndarray | Tensor, release: np.ndarray | Tensor) -> BudgetReport:
     """L-inf and L0 of a release against its clean images, both uint8 in storage layout
     (N x H x W for gray, N x H x W x C for colour, as MedMNIST stores them)."""
-    a = torch.as_tensor(np.asarray(clean)).to(torch.int16)
-    b = torch.as_tensor(np.asarray(release)).to(torch.int16)
+    a, b = _as_tensor(clean), _as_tensor(release)
+    if a.dtype != torch.uint8 or b.dtype != torch.uint8:  # float [0, 1] images would truncate to 0 here
+        raise TypeError(f"clean and release must be uint8 (stored bytes), got {a.dtype} and {b.dtype}")
+    a, b = a.to(torch.int16), b.to(torch.int16)
     if a.shape != b.shape:
         raise ValueError(f"clean {tuple(a.shape)} and release {tuple(b.shape)} differ in shape")
     if a.dim() not in (3, 4):

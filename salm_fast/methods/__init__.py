@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .base import BiLevelMethod, Method, Protection
@@ -26,7 +27,8 @@ def make_method(name: str, **options: Any) -> Method:
     try:
         return cls(**options)
     except TypeError as exc:  # an option this method does not take
-        raise ValueError(f"{name}: {exc}") from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        raise ValueError(f"{name}: unknown option {unknown.group(1)!r}" if unknown else f"{name}: {exc}") from None
 
 
 __all__ = ["METHODS", "BiLevelMethod", "Method", "Protection", "make_method", *(c.__name__ for c in METHODS.values())]

@@ -11,6 +11,7 @@ also bound L0 by ``k`` pixels per image.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
@@ -80,8 +81,7 @@ class Method(ABC):
             resume: bool = False, progress: bool = False) -> Protection:
         """Compute the protection of ``x`` (labels ``y``); checks the budget before returning."""
         x, y, n_classes = self._check_inputs(x, y, n_classes)
-        if self.masked:
-            ops.resolve_k(self.k, x.shape[2] * x.shape[3])  # k within H*W for these images
+        self.check_data((x.shape[2], x.shape[3]), n_classes)
         ctx = FitContext(Path(workdir) if workdir else None, resume, progress)
         if ctx.workdir:
             ctx.workdir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +94,12 @@ class Method(ABC):
         result.info.setdefault("images_per_second", len(x) / seconds if seconds > 0 else 0.0)
         self._check_budget(x, result)
         return result
+
+    def check_data(self, image_shape: tuple[int, int], n_classes: int) -> None:
+        """Raise ValueError if the options do not fit images of ``image_shape`` (H, W) in ``n_classes``
+        classes; ``protect`` calls it before it writes anything, ``fit`` before any work."""
+        if self.masked:
+            ops.resolve_k(self.k, image_shape[0] * image_shape[1])  # k within H*W for these images
 
     # ------------------------------------------------------------ shared pieces
     def _check_inputs(self, x: Tensor, y: Tensor, n_classes: int | None) -> tuple[Tensor, Tensor, int]:
@@ -132,10 +138,19 @@ class BiLevelMethod(Method):
     surrogate_arch: str = S.DEFAULT_SURROGATE
 
     def __init__(self, eps: float = 8 / 255, *, seed: int = 0, k: int | float | None = None,
-                 loop: BiLevelConfig | None = None, surrogate: str = S.DEFAULT_SURROGATE):
+                 loop: BiLevelConfig | None = None, rounds: int | None = None,
+                 surrogate: str = S.DEFAULT_SURROGATE):
         super().__init__(eps, seed=seed, k=k)
+        if surrogate not in S.SURROGATES:
+            raise ValueError(f"{self.name}: unknown surrogate {surrogate!r}; choose one of {', '.join(S.SURROGATES)}")
         self.loop = loop or self.default_loop()
         self.loop.seed = self.seed
+        self.loop.validate()
+        if rounds is not None:  # a cap on rounds, e.g. for a quick run
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                raise ValueError(f"{self.name}: rounds must be an integer >= 1, got {rounds!r}")
+            self.loop.max_rounds = rounds
+            self.loop.min_rounds = min(self.loop.min_rounds, rounds)
         self.surrogate_arch = surrogate
 
     @classmethod
@@ -162,12 +177,20 @@ class BiLevelMethod(Method):
     def extra_info(self) -> dict[str, Any]:
         return {}
 
+    def run_settings(self, x: Tensor, y: Tensor, n_classes: int) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the method, its options and the data."""
+        digest = hashlib.sha256(x.numpy().tobytes())
+        digest.update(y.numpy().tobytes())
+        options = {k: v for k, v in self.options().items() if k != "loop"}  # the loop is compared on its own
+        return {"method": self.name, **options, "data": f"{tuple(x.shape)} {n_classes} classes {digest.hexdigest()}"}
+
     def _fit(self, x, y, n_classes, ctx):
         mask = self.make_mask(x, y, n_classes, ctx)
         noise = self.make_noise(x, y, n_classes, mask)
         trainer = BiLevelTrainer(self.surrogate_factory(x, n_classes), noise, x, y, mask, self.loop,
                                  log_path=ctx.path("rounds.jsonl"), checkpoint_path=ctx.path("checkpoint.pt"),
-                                 progress=ctx.progress, description=self.name, round_hooks=self.round_hooks())
+                                 progress=ctx.progress, description=self.name, round_hooks=self.round_hooks(),
+                                 settings=self.run_settings(x, y, n_classes))
         finished = False
         ckpt = ctx.path("checkpoint.pt")
         if ctx.resume and ckpt is not None and ckpt.exists():

@@ -24,17 +24,16 @@ class GeneratorEM(BiLevelMethod):
     paper = "generator-based error-minimizing noise (bi-level min-min, amortized)"
     code = False  # SALM overrides: class-wise texture code
 
-    def __init__(self, eps: float = 8 / 255, *, seed: int = 0, k: int | float | None = None,
-                 loop: BiLevelConfig | None = None, surrogate: str = "cnn-half", generator_steps: int = 20,
-                 generator_lr: float = 1e-3, width: int = 32):
-        super().__init__(eps, seed=seed, k=k, loop=loop, surrogate=surrogate)
+    def __init__(self, eps: float = 8 / 255, *, generator_steps: int = 20, generator_lr: float = 1e-3,
+                 width: int = 32, **kw):
+        super().__init__(eps, **kw)
         self.generator_steps, self.generator_lr, self.width = generator_steps, generator_lr, width
         self.net: NoiseGenerator | None = None
 
     @classmethod
     def default_loop(cls) -> BiLevelConfig:
         return BiLevelConfig(max_rounds=20, surrogate_steps=20, surrogate_reset_every=5, min_rounds=5,
-                             augment=True)
+                             augment=True, eval_images=1024)
 
     def options(self):
         return {**super().options(), "generator_steps": self.generator_steps, "generator_lr": self.generator_lr,

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from .. import surrogate as S
-from ..bilevel import BiLevelConfig
 from ..noise import SampleWiseNoise
 from .base import FitContext
 from .generator_em import GeneratorEM
@@ -40,13 +39,11 @@ class SALM(GeneratorEM):
     masked = True
     code = True
 
-    def __init__(self, eps: float = 8 / 255, *, k: int | float = 0.1, seed: int = 0,
-                 noise: str = "generator", code: bool = True, saliency_p: int = 1, mask_epochs: int = 5,
-                 mask_refresh: int = 0, classes: Sequence[int] | None = None, poison_ratio: float = 1.0,
-                 pgd_steps: int = 10, pgd_step_size: float = 2 / 255, loop: BiLevelConfig | None = None,
-                 surrogate: str = "cnn-half", generator_steps: int = 20, generator_lr: float = 1e-3, width: int = 32):
-        super().__init__(eps, seed=seed, k=k, loop=loop, surrogate=surrogate, generator_steps=generator_steps,
-                         generator_lr=generator_lr, width=width)
+    def __init__(self, eps: float = 8 / 255, *, k: int | float = 0.1, noise: str = "generator", code: bool = True,
+                 saliency_p: int = 1, mask_epochs: int = 5, mask_refresh: int = 0,
+                 classes: Sequence[int] | None = None, poison_ratio: float = 1.0, pgd_steps: int = 10,
+                 pgd_step_size: float = 2 / 255, **kw):
+        super().__init__(eps, k=k, **kw)
         if noise not in ("generator", "pgd"):
             raise ValueError(f"salm: noise must be 'generator' or 'pgd', got {noise!r}")
         if saliency_p not in (1, 2):
@@ -58,6 +55,8 @@ class SALM(GeneratorEM):
         self.noise_kind, self.code, self.saliency_p = noise, bool(code), saliency_p
         self.mask_epochs, self.mask_refresh = mask_epochs, mask_refresh
         self.classes = None if classes is None else sorted({int(c) for c in classes})
+        if self.classes == []:  # would release the clean images as "protected"
+            raise ValueError("salm: classes is empty; name at least one class (or None for all)")
         self.poison_ratio = float(poison_ratio)
         self.pgd_steps, self.pgd_step_size = pgd_steps, pgd_step_size
 
@@ -65,6 +64,12 @@ class SALM(GeneratorEM):
         return {**super().options(), "noise": self.noise_kind, "saliency_p": self.saliency_p,
                 "mask_epochs": self.mask_epochs, "mask_refresh": self.mask_refresh, "classes": self.classes,
                 "poison_ratio": self.poison_ratio, "pgd_steps": self.pgd_steps, "pgd_step_size": self.pgd_step_size}
+
+    def check_data(self, image_shape, n_classes):
+        super().check_data(image_shape, n_classes)
+        bad = [c for c in self.classes or () if not 0 <= c < n_classes]
+        if bad:
+            raise ValueError(f"salm: classes {bad} are not in [0, {n_classes})")
 
     # ---------------------------------------------------------------- phase 1
     def selected(self, y: Tensor, n_classes: int) -> Tensor:
@@ -82,6 +87,9 @@ class SALM(GeneratorEM):
             n_pick = round(self.poison_ratio * len(candidates))
             chosen[candidates[torch.randperm(len(candidates), generator=gen)[:n_pick]]] = True
             keep = chosen
+        if not bool(keep.any()):  # would release the clean images as "protected"
+            raise ValueError(f"salm: no image is selected (classes {self.classes}, poison_ratio {self.poison_ratio} "
+                             f"of {len(y)} images)")
         return keep
 
     def make_mask(self, x, y, n_classes, ctx: FitContext) -> Tensor:
@@ -91,6 +99,7 @@ class SALM(GeneratorEM):
                                                      lr=1e-3, gen=gen)
         mask = S.saliency_mask(model, x, y, self.k, p=self.saliency_p)
         mask[~self.selected(y, n_classes)] = 0
+        self.mask_model = model  # kept: new images get their masks from it (perturb)
         return mask
 
     def refresh_mask(self, trainer) -> None:
@@ -107,6 +116,20 @@ class SALM(GeneratorEM):
 
     def extra_info(self):
         return {"mask_surrogate_accuracy": getattr(self, "mask_surrogate_accuracy", None)}
+
+    @torch.no_grad()
+    def perturb(self, x: Tensor, y: Tensor, mask: Tensor | None = None, batch_size: int = 1024) -> Tensor:
+        """Protect new images: saliency mask from the phase-1 surrogate (unless given), then
+        one forward pass of the trained generator (the generator noise only)."""
+        if self.noise_kind != "generator":
+            raise RuntimeError("salm: only the generator variant protects new images in one pass; "
+                               "PGD noise must be optimized per image (fit)")
+        if mask is None:
+            if getattr(self, "mask_model", None) is None:
+                raise RuntimeError("salm: fit() first; there is no surrogate for the saliency masks")
+            with torch.enable_grad():
+                mask = S.saliency_mask(self.mask_model, x, y, self.k, p=self.saliency_p)
+        return super().perturb(x, y, mask, batch_size)
 
     # ---------------------------------------------------------------- phase 2
     def make_noise(self, x, y, n_classes, mask):

@@ -19,9 +19,8 @@ class SampleWiseEM(BiLevelMethod):
     name = "samplewise"
     paper = "Huang et al., Unlearnable Examples, ICLR 2021 (sample-wise error-minimizing noise)"
 
-    def __init__(self, eps: float = 8 / 255, *, seed: int = 0, steps: int = 20, step_size: float = 0.8 / 255,
-                 loop: BiLevelConfig | None = None, surrogate: str = "cnn-half"):
-        super().__init__(eps, seed=seed, loop=loop, surrogate=surrogate)
+    def __init__(self, eps: float = 8 / 255, *, steps: int = 20, step_size: float = 0.8 / 255, **kw):
+        super().__init__(eps, **kw)
         self.steps, self.step_size = steps, step_size
 
     @classmethod

@@ -111,9 +111,16 @@ class VictimResult:
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
+def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
+    # A read-only array (e.g. a Split's) is copied: torch warns on non-writable numpy memory.
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = x.copy()
+    return torch.as_tensor(x)
+
+
 def as_uint8_images(x: Tensor | np.ndarray) -> Tensor:
     """Images -> uint8 N x C x H x W tensor (see the module doc for accepted layouts)."""
-    t = torch.as_tensor(x)
+    t = _as_tensor(x)
     if t.ndim == 3:
         t = t.unsqueeze(1)
     if t.ndim != 4:
@@ -130,7 +137,7 @@ def as_uint8_images(x: Tensor | np.ndarray) -> Tensor:
 
 
 def as_labels(y: Tensor | np.ndarray, n: int) -> Tensor:
-    t = torch.as_tensor(y)
+    t = _as_tensor(y)
     if t.ndim == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.ndim != 1 or t.shape[0] != n:

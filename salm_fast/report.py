@@ -1,0 +1,219 @@
+"""``salm-fast report``: a Markdown report (with PNG figures) from an experiment grid's table.
+
+Sections, each present when the grid holds the cells it needs:
+
+* main table: rows = methods, columns = victims, cells = clean test ACC / AUC
+  (mean over seeds), the clean-data victim as the first row; per dataset, no defense;
+* counter-measures: rows = methods, columns = defenses, for each victim that has them;
+* K sweep: clean test accuracy and AUC vs K for SALM, per dataset (figure);
+* learning curves: a victim's train / clean-test accuracy per epoch, clean vs protected;
+* selected classes: per-class clean test accuracy when SALM protects only some classes.
+
+Each table row names the command that reproduces its cells.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from .data.atomic import atomic_path
+from .experiment import CLEAN, MethodSpec, dataset_tag, load_results
+
+
+def _fmt_cell(rows: list[dict]) -> str:
+    if not rows:
+        return "-"
+    acc = mean(r["test_acc"] for r in rows)
+    auc = mean(r["test_auc"] for r in rows)
+    n = f" (n={len(rows)})" if len(rows) > 1 else ""
+    return f"{acc:.3f} / {auc:.3f}{n}"
+
+
+def _method_order(methods: set[str]) -> list[str]:
+    def key(m: str):
+        spec = MethodSpec.parse(m)
+        rank = {CLEAN: 0, "random": 1, "salm": 2}.get(spec.name, 3)
+        k = spec.option("k")
+        return rank, spec.name, k if isinstance(k, (int, float)) else 0, m
+    return sorted(methods, key=key)
+
+
+def _table(rows: list[dict], row_key: str, col_key: str, rows_order: list[str], cols_order: list[str]) -> list[str]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r[row_key], r[col_key])].append(r)
+    head = f"| {row_key} | " + " | ".join(cols_order) + " |"
+    lines = [head, "|" + "---|" * (len(cols_order) + 1)]
+    for rk in rows_order:
+        cells = [_fmt_cell(groups.get((rk, ck), [])) for ck in cols_order]
+        lines.append(f"| `{rk}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def k_sweep_figure(rows: list[dict], path: Path, victim: str) -> bool:
+    plt = _plt()
+    by_ds: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    clean: dict[str, tuple[float, float]] = {}
+    for r in rows:
+        if r["victim"] != victim or r["defense"] != "none":
+            continue
+        if r["method_name"] == "salm" and isinstance(r.get("k"), (int, float)) and len(MethodSpec.parse(r["method"]).options) <= 1:
+            by_ds[r["dataset"]].append((float(r["k"]), r["test_acc"], r["test_auc"]))
+        elif r["method_name"] == CLEAN:
+            clean[r["dataset"]] = (r["test_acc"], r["test_auc"])
+    by_ds = {d: v for d, v in by_ds.items() if len({k for k, *_ in v}) >= 2}
+    if not by_ds:
+        return False
+    fig, axes = plt.subplots(1, len(by_ds), figsize=(4.2 * len(by_ds), 3.4), squeeze=False)
+    for ax, (ds, pts) in zip(axes[0], sorted(by_ds.items())):
+        agg: dict[float, list[tuple[float, float]]] = defaultdict(list)
+        for k, acc, auc in pts:
+            agg[k].append((acc, auc))
+        ks = sorted(agg)
+        ax.plot([100 * k for k in ks], [mean(a for a, _ in agg[k]) for k in ks], "-o", label="SALM: test ACC")
+        ax.plot([100 * k for k in ks], [mean(u for _, u in agg[k]) for k in ks], "-s", label="SALM: test AUC")
+        if ds in clean:
+            ax.axhline(clean[ds][0], color="tab:blue", ls=":", label="clean: ACC")
+            ax.axhline(clean[ds][1], color="tab:orange", ls=":", label="clean: AUC")
+        ax.set_xscale("log")
+        ax.set_xlabel("K (% of pixels per image)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{dataset_tag(ds)} ({victim})", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clean test metric")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def curves_figure(rows: list[dict], path: Path, victim: str, method: str) -> bool:
+    plt = _plt()
+    pairs = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        sel = {r["method"]: r for r in rows if r["dataset"] == ds and r["victim"] == victim
+               and r["defense"] == "none" and r["seed"] == min(x["seed"] for x in rows)}
+        if CLEAN in sel and method in sel:
+            pairs.append((ds, sel[CLEAN], sel[method]))
+    if not pairs:
+        return False
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 3.4), squeeze=False)
+    for ax, (ds, c, p) in zip(axes[0], pairs):
+        for r, color, name in ((c, "tab:blue", "clean"), (p, "tab:red", "protected")):
+            h = r["history"]
+            ax.plot([e["epoch"] for e in h], [e["train_acc"] for e in h], "--", color=color, label=f"{name}: train")
+            pts = [(e["epoch"], e["test_acc"]) for e in h if e.get("test_acc") is not None]
+            ax.plot(*zip(*pts), "-o", ms=3, color=color, label=f"{name}: clean test")
+        ax.set_title(f"{dataset_tag(ds)}: {victim}, {method}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def selected_classes_section(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        spec = MethodSpec.parse(r["method"])
+        classes = spec.option("classes")
+        if spec.name != "salm" or classes is None or not r.get("per_class_test_acc"):
+            continue
+        classes = classes if isinstance(classes, list) else [classes]
+        clean = next((c for c in rows if c["method_name"] == CLEAN and c["dataset"] == r["dataset"]
+                      and c["victim"] == r["victim"] and c["defense"] == r["defense"] and c["seed"] == r["seed"]),
+                     None)
+        if not out:
+            out += ["| dataset | victim | method | class | protected | clean-data victim ACC | release victim ACC |",
+                    "|---|---|---|---|---|---|---|"]
+        for cls, acc in sorted(r["per_class_test_acc"].items()):
+            ref = (clean or {}).get("per_class_test_acc", {}).get(cls)
+            out.append(f"| {dataset_tag(r['dataset'])} | {r['victim']} | `{r['method']}` | {cls} | "
+                       f"{'yes' if int(cls) in classes else 'no'} | {'-' if ref is None else f'{ref:.3f}'} | "
+                       f"{acc:.3f} |")
+    return out
+
+
+def build_report(root: str | Path, out: str | Path | None = None, *, title: str = "salm-fast experiment report",
+                 main_defense: str = "none") -> Path:
+    """Write ``report.md`` (and its figures) for the grid in ``root``; returns the Markdown path."""
+    root = Path(root)
+    rows = load_results(root)
+    out = Path(out) if out else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# {title}", "",
+                     f"Source: `{root / 'results.csv'}` ({len(rows)} cells). Cells: clean **test ACC / AUC** of a "
+                     "victim trained from scratch on the data named by the row, tested on the clean test split "
+                     "(mean over seeds; n = number of seeds when > 1). `clean` = trained on unprotected data.", ""]
+    datasets = sorted({r["dataset"] for r in rows})
+    victims_all = sorted({r["victim"] for r in rows})
+    for ds in datasets:
+        sub = [r for r in rows if r["dataset"] == ds and r["defense"] == main_defense]
+        if not sub:
+            continue
+        victims = [v for v in victims_all if any(r["victim"] == v for r in sub)]
+        md += [f"## {dataset_tag(ds)}: methods x victims (defense: {main_defense})", ""]
+        md += _table(sub, "method", "victim", _method_order({r["method"] for r in sub}), victims)
+        md += ["", "Reproduce a cell: " + f"`{sub[0]['command']}` (change --methods/--victims).", ""]
+        defenses = sorted({r["defense"] for r in rows if r["dataset"] == ds})
+        if len(defenses) > 1:
+            for v in victims_all:
+                dsub = [r for r in rows if r["dataset"] == ds and r["victim"] == v]
+                dnames = sorted({r["defense"] for r in dsub}, key=lambda d: (d != "none", d))
+                if len(dnames) < 2:
+                    continue
+                md += [f"### {dataset_tag(ds)}: counter-measures against the release ({v})", ""]
+                md += _table(dsub, "method", "defense", _method_order({r["method"] for r in dsub}), dnames)
+                md += [""]
+    figs = []
+    for v in victims_all:
+        if k_sweep_figure(rows, out / f"k_sweep_{v}.png", v):
+            figs.append((f"K sweep ({v})", f"k_sweep_{v}.png"))
+    salm_methods = _method_order({r["method"] for r in rows if r["method_name"] == "salm"})
+    if salm_methods:
+        pick = next((m for m in salm_methods if MethodSpec.parse(m).option("k") in (0.1, None)), salm_methods[0])
+        for v in victims_all:
+            if curves_figure(rows, out / f"curves_{v}.png", v, pick):
+                figs.append((f"Learning curves ({v}, clean vs `{pick}`)", f"curves_{v}.png"))
+    if figs:
+        md += ["## Figures", ""]
+        for caption, name in figs:
+            md += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    sel = selected_classes_section(rows)
+    if sel:
+        md += ["## Protecting selected classes only", "", *sel, ""]
+    md += ["## Timing", "", "| dataset | method | protect s | images/s |", "|---|---|---|---|"]
+    seen = set()
+    for r in rows:
+        key = (r["dataset"], r["method"], r["seed"])
+        if r["method_name"] == CLEAN or key in seen or r.get("protect_seconds") is None:
+            continue
+        seen.add(key)
+        md.append(f"| {dataset_tag(r['dataset'])} | `{r['method']}` | {r['protect_seconds']:.1f} | "
+                  f"{r['protect_images_per_s']:.0f} |")
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = ["build_report", "curves_figure", "k_sweep_figure"]

@@ -1,0 +1,164 @@
+"""The command line: a tiny protect run, one-line errors with exit status 2, the value parsers."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from salm_fast.cli import main, parse_classes, parse_eps, parse_k
+from salm_fast.data import load_medmnist, make_synthetic, save_medmnist
+from salm_fast.release import budget_levels
+
+TINY = "synthetic:n=120,seed=1"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_one_line_error(capsys, rc: int, *needles: str) -> str:
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("salm-fast: error: "), captured.err
+    for needle in needles:
+        assert needle in lines[0]
+    assert captured.out == ""
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ value parsers
+@pytest.mark.parametrize(("text", "value"), [("8/255", 8 / 255), (" 4/255 ", 4 / 255), ("0.03", 0.03),
+                                             ("8", 8 / 255), ("16", 16 / 255), ("1", 1.0)])
+def test_parse_eps(text, value):
+    assert parse_eps(text) == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["abc", "8/0", "", "8/255/2"])
+def test_parse_eps_refuses_non_numbers(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="8/255"):
+        parse_eps(text)
+
+
+@pytest.mark.parametrize(("text", "value"), [("80", 80), ("10%", 0.1), ("0.1", 0.1), ("100%", 1.0), ("1", 1)])
+def test_parse_k(text, value):
+    k = parse_k(text)
+    assert k == pytest.approx(value) and type(k) is type(value)  # '1' is one pixel, '1.0' would be all of them
+
+
+@pytest.mark.parametrize("text", ["ten", "10 %%", "%"])
+def test_parse_k_refuses_non_numbers(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="k must be"):
+        parse_k(text)
+
+
+def test_parse_classes():
+    assert parse_classes("0,2") == [0, 2] and parse_classes("1") == [1]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_classes("a,b")
+
+
+# ------------------------------------------------------------------------------ commands
+def test_protect_runs_prints_the_table_and_writes_the_release(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["protect", "--data", TINY, "--method", "salm", "--noise", "pgd", "--rounds", "1", "--eps", "8/255",
+               "--k", "10%", "--out", str(out), "--quiet", "--no-figure", "--seed", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "L-inf (stored bytes)" in captured.out and "summary:" in captured.out
+    assert captured.err == ""  # --quiet: no progress bar
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "salm" and summary["options"]["noise"] == "pgd"
+    assert summary["protection"]["rounds"] == 1 and summary["options"]["seed"] == 3
+    assert summary["budget"]["linf_levels"] <= budget_levels(8 / 255)
+    assert summary["budget"]["l0_max_per_image"] <= round(0.1 * 28 * 28)
+    assert load_medmnist(out / "synthetic.npz")["train"].images.shape == (84, 28, 28)
+    assert not (out / "protection.png").exists()
+
+
+def test_evaluate_prints_both_rows(tmp_path, capsys):
+    ds = make_synthetic(n_train=48, n_val=8, n_test=24, seed=2)
+    clean = save_medmnist(ds, tmp_path / "synthetic.npz")
+    rng = np.random.default_rng(0)
+    noisy = ds.replace_split("train", np.clip(ds["train"].images.astype(np.int16)
+                                              + rng.integers(-2, 3, ds["train"].images.shape), 0, 255).astype(np.uint8))
+    (tmp_path / "rel").mkdir()
+    release = save_medmnist(noisy, tmp_path / "rel" / "synthetic.npz")
+    rc = main(["evaluate", "--clean", str(clean), "--release", str(release), "--victim", "cnn", "--epochs", "1",
+               "--precision", "fp32", "--augment", "none", "--out", str(tmp_path / "eval"), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    rows = [line.split()[0] for line in captured.out.splitlines() if line.strip()]
+    assert "clean" in rows and "release" in rows
+    assert (tmp_path / "eval" / "evaluation.json").exists()
+
+
+def test_backends_lists_every_backend(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    for name in ("torch", "cpp", "triton"):
+        assert name in out
+
+
+# ------------------------------------------------------------------------------ bad input: one line, exit 2
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--eps", "-1"], ["eps"]),
+    (["--eps", "0"], ["eps"]),
+    (["--eps", "300"], ["eps"]),
+    (["--eps", "abc"], ["--eps", "8/255"]),
+    (["--k", "2.0"], ["k"]),
+    (["--k", "0"], ["k"]),
+    (["--k", "785"], ["k", "784"]),
+    (["--k", "ten"], ["--k"]),
+    (["--method", "samplewise", "--k", "10"], ["k"]),
+    (["--method", "random", "--noise", "pgd"], ["--noise"]),
+    (["--method", "random", "--rounds", "2"], ["rounds"]),
+    (["--rounds", "0"], ["rounds"]),
+    (["--classes", "7"], ["classes"]),
+    (["--splits", "train,bogus"], ["bogus"]),
+    (["--method", "nope"], ["--method"]),
+    (["--backend", "cuda-magic"], ["--backend"]),
+])
+def test_protect_bad_input_is_one_line_and_writes_nothing(args, needles, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["protect", "--data", TINY, "--out", str(out), "--quiet", *args])
+    assert_one_line_error(capsys, rc, *needles)
+    assert not out.exists()
+
+
+def test_protect_missing_data_and_unwritable_output(tmp_path, capsys):
+    rc = main(["protect", "--data", str(tmp_path / "nonexistent.npz"), "--out", str(tmp_path / "o"), "--quiet"])
+    assert_one_line_error(capsys, rc, "nonexistent.npz")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    rc = main(["protect", "--data", TINY, "--out", str(blocker / "sub"), "--quiet"])
+    assert_one_line_error(capsys, rc, "not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["--victim", "alexnet"], ["--victim", "alexnet"]),
+    (["--defense", "voodoo"], ["voodoo"]),
+    (["--epochs", "many"], ["--epochs"]),
+])
+def test_evaluate_bad_input_is_one_line(args, needles, tmp_path, capsys):
+    rc = main(["evaluate", "--clean", TINY, "--release", TINY, "--out", str(tmp_path / "e"), "--quiet", *args])
+    assert_one_line_error(capsys, rc, *needles)
+    assert not (tmp_path / "e").exists()
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert_one_line_error(capsys, main([]), "command")
+    assert_one_line_error(capsys, main(["frobnicate"]), "frobnicate")
+    assert_one_line_error(capsys, main(["protect", "--data", TINY]), "--out")
+    with pytest.raises(SystemExit) as exc:  # --help still prints help and exits 0
+        main(["protect", "--help"])
+    assert exc.value.code == 0
+    assert "--eps" in capsys.readouterr().out

@@ -1,0 +1,272 @@
+"""Every protection method: the budget (|delta| <= eps, L0 <= k, [0, 1]) on the float perturbation
+and on the stored release, plus SALM's options (classes, poison ratio, mask refresh, top-k mask)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import salm_fast.surrogate as S
+from salm_fast import ops, protect
+from salm_fast.bilevel import BiLevelConfig
+from salm_fast.data import load_medmnist, make_synthetic
+from salm_fast.methods import METHODS, SALM, make_method
+from salm_fast.release import budget_levels
+
+EPS = 8 / 255
+EPS32 = float(torch.tensor(EPS, dtype=torch.float32))  # the bound a float32 perturbation can hold
+
+
+def tiny_loop(rounds: int = 1, **kw) -> BiLevelConfig:
+    return BiLevelConfig(**{"max_rounds": rounds, "surrogate_steps": 2, "batch_size": 32, "min_rounds": 1, **kw})
+
+
+def fast_options(name: str) -> dict:
+    """Tiny but complete settings for each method (name, or 'salm-pgd' / 'random-k')."""
+    return {
+        "salm": dict(k=0.1, mask_epochs=1, generator_steps=2, width=8, loop=tiny_loop()),
+        "salm-pgd": dict(k=0.1, noise="pgd", pgd_steps=2, mask_epochs=1, loop=tiny_loop()),
+        "samplewise": dict(steps=2, loop=tiny_loop()),
+        "classwise": dict(steps=2, loop=tiny_loop()),
+        "generator": dict(generator_steps=2, width=8, loop=tiny_loop()),
+        "random": {},
+        "random-k": dict(k=20),
+    }[name]
+
+
+ALL = ["salm", "salm-pgd", "samplewise", "classwise", "generator", "random", "random-k"]
+
+
+def method_name(case: str) -> str:
+    return case.split("-")[0]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gray():
+    return make_synthetic(n_train=64, n_val=8, n_test=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    return make_synthetic(n_train=48, n_val=8, n_test=16, channels=3, n_classes=3, seed=4)
+
+
+def pixels_changed(delta: torch.Tensor) -> torch.Tensor:
+    """Per image: pixels where any channel of the perturbation is nonzero."""
+    return (delta != 0).any(dim=1).flatten(1).sum(1)
+
+
+def assert_float_budget(x: torch.Tensor, delta: torch.Tensor, k: int | None) -> None:
+    assert delta.shape == x.shape and delta.dtype == torch.float32
+    assert bool(torch.isfinite(delta).all())
+    assert float(delta.abs().max()) <= EPS32
+    assert float((x + delta).min()) >= 0.0 and float((x + delta).max()) <= 1.0
+    assert float(delta.abs().max()) > 0  # it did something
+    if k is not None:
+        assert int(pixels_changed(delta).max()) <= k
+
+
+def assert_stored_release(ds, path, k: int | None, split: str = "train") -> np.ndarray:
+    """Reload the release from disk and check it against the clean dataset; returns pixels changed per image."""
+    rel = load_medmnist(path)
+    assert list(rel.splits) == list(ds.splits)
+    for name in ds.splits:
+        np.testing.assert_array_equal(rel[name].labels, ds[name].labels)
+        if name != split:
+            np.testing.assert_array_equal(rel[name].images, ds[name].images)  # untouched, byte for byte
+    clean, stored = ds[split].images.astype(np.int16), rel[split].images.astype(np.int16)
+    assert rel[split].images.dtype == np.uint8 and stored.shape == clean.shape
+    diff = np.abs(stored - clean)
+    assert diff.max() <= budget_levels(EPS)
+    assert diff.max() >= 1  # the perturbed split really changed
+    changed = diff.max(axis=-1) if diff.ndim == 4 else diff
+    per_image = (changed > 0).reshape(len(clean), -1).sum(1)
+    if k is not None:
+        assert per_image.max() <= k
+    with np.load(path, allow_pickle=False) as z:  # nothing but images and labels
+        assert sorted(z.files) == sorted(f"{s}_{kind}" for s in ds.splits for kind in ("images", "labels"))
+    return per_image
+
+
+# ------------------------------------------------------------------------------ every method, via protect()
+@pytest.mark.parametrize("channels", [1, 3], ids=["gray", "rgb"])
+@pytest.mark.parametrize("case", ALL)
+def test_every_method_holds_its_budget_in_float_and_in_the_stored_release(case, channels, gray, rgb, tmp_path):
+    ds = gray if channels == 1 else rgb
+    options = fast_options(case)
+    k_opt = options.pop("k", None)
+    figure = case == "salm"  # the figure once per layout (gray, RGB)
+    res = protect(ds, method_name(case), out=tmp_path, eps=EPS, k=k_opt, seed=1, figure=figure, **options)
+    if figure:
+        with Image.open(tmp_path / "protection.png") as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    x = torch.from_numpy(np.array(ds["train"].images)).float() / 255
+    x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
+    hw = x.shape[2] * x.shape[3]
+    k = ops.resolve_k(k_opt, hw) if k_opt is not None else None
+    assert_float_budget(x, res.delta, k)
+    per_image = assert_stored_release(ds, res.release_path, k)
+    if case == "random":  # unmasked uniform noise: every image changes
+        assert (per_image > 0).all()
+    if k is not None:  # masked methods: exactly k ones per image (every image selected by default)
+        assert torch.equal(res.mask.flatten(1).sum(1), torch.full((len(x),), float(k)))
+        assert bool((res.delta * (1 - res.mask) == 0).all())  # nothing off the mask
+    assert res.summary["budget"]["linf_levels"] == int(np.abs(
+        load_medmnist(res.release_path)["train"].images.astype(np.int16)
+        - ds["train"].images.astype(np.int16)).max())
+
+
+def test_all_splits_can_be_perturbed_and_each_holds_the_budget(gray, tmp_path):
+    res = protect(gray, "random", out=tmp_path, eps=EPS, k=30, splits="all", seed=0, figure=False)
+    rel = load_medmnist(res.release_path)
+    for name in gray.splits:
+        diff = np.abs(rel[name].images.astype(np.int16) - gray[name].images.astype(np.int16))
+        assert 1 <= diff.max() <= budget_levels(EPS)
+        assert (diff > 0).reshape(len(diff), -1).sum(1).max() <= 30
+    assert res.summary["splits"] == ["train", "val", "test"]
+    assert res.summary["images"] == sum(len(gray[s]) for s in gray.splits)
+
+
+# ------------------------------------------------------------------------------ SALM options
+def _xy(ds):
+    return ds["train"].to_tensors()
+
+
+def test_salm_classes_leave_other_classes_byte_identical(gray, tmp_path):
+    res = protect(gray, "salm", out=tmp_path, eps=EPS, k=0.1, classes=[1], seed=0, figure=False,
+                  **{k: v for k, v in fast_options("salm").items() if k != "k"})
+    rel = load_medmnist(res.release_path)["train"].images
+    y = gray["train"].labels[:, 0]
+    np.testing.assert_array_equal(rel[y == 0], gray["train"].images[y == 0])
+    changed = (rel != gray["train"].images).reshape(len(y), -1).any(1)
+    assert changed[y == 1].all()  # every class-1 image is protected
+    assert float(res.mask[torch.from_numpy(y == 0)].sum()) == 0
+
+
+def test_salm_poison_ratio_selects_round_ratio_n_images(gray):
+    x, y = _xy(gray)
+    m = SALM(EPS, k=0.1, poison_ratio=0.5, seed=0, noise="pgd", pgd_steps=1, mask_epochs=1, loop=tiny_loop())
+    p = m.fit(x, y, 2)
+    selected = p.mask.flatten(1).sum(1) > 0
+    assert int(selected.sum()) == round(0.5 * len(x))
+    assert bool((pixels_changed(p.delta)[~selected] == 0).all())
+    assert_float_budget(x, p.delta, ops.resolve_k(0.1, 28 * 28))
+    # classes and ratio together: half of class 1 only
+    m = SALM(EPS, k=0.1, classes=[1], poison_ratio=0.5, seed=0, noise="pgd", pgd_steps=1, mask_epochs=1,
+             loop=tiny_loop())
+    sel = m.selected(y, 2)
+    assert int(sel.sum()) == round(0.5 * int((y == 1).sum())) and not bool(sel[y == 0].any())
+
+
+@pytest.mark.parametrize("noise", ["generator", "pgd"])
+def test_salm_mask_refresh_moves_the_mask_and_keeps_l0(noise, gray):
+    x, y = _xy(gray)
+    k = ops.resolve_k(0.1, 28 * 28)
+    opts = dict(k=0.1, seed=0, noise=noise, pgd_steps=2, generator_steps=2, width=8, mask_epochs=1)
+    fixed = SALM(EPS, loop=tiny_loop(2), **opts).fit(x, y, 2)
+    refreshed = SALM(EPS, loop=tiny_loop(2), mask_refresh=1, **opts).fit(x, y, 2)
+    assert not torch.equal(fixed.mask, refreshed.mask)  # the refresh really re-ranked the pixels
+    assert torch.equal(refreshed.mask.flatten(1).sum(1), torch.full((len(x),), float(k)))
+    assert bool((refreshed.delta * (1 - refreshed.mask) == 0).all())  # stored noise moved inside the new mask
+    assert_float_budget(x, refreshed.delta, k)
+
+
+def test_salm_mask_is_the_top_k_of_the_surrogate_saliency(gray, monkeypatch):
+    seen = {}
+    real = S.saliency_mask
+
+    def spy(model, x, y, k, **kw):
+        seen.update(model=model, p=kw.get("p", 1))
+        return real(model, x, y, k, **kw)
+
+    monkeypatch.setattr(S, "saliency_mask", spy)
+    x, y = _xy(gray)
+    m = SALM(EPS, k=25, classes=[0], seed=0, noise="pgd", pgd_steps=1, mask_epochs=1, loop=tiny_loop())
+    p = m.fit(x, y, 2)
+    sal = S.input_gradients(seen["model"], x, y).abs().sum(1)  # p = 1: sum_c |dL/dx|
+    assert seen["p"] == 1
+    for i in range(len(x)):
+        on = p.mask[i, 0] > 0
+        if int(y[i]) == 1:
+            assert not bool(on.any())
+            continue
+        assert int(on.sum()) == 25
+        assert float(sal[i][on].min()) >= float(sal[i][~on].max())
+
+
+# ------------------------------------------------------------------------------ the generator protects new images
+def test_trained_generator_protects_new_images_within_budget(gray):
+    x, y = _xy(gray)
+    m = make_method("generator", eps=EPS, seed=0, **fast_options("generator"))
+    m.fit(x, y, 2)
+    new_x, new_y = gray["test"].to_tensors()
+    d = m.perturb(new_x, new_y)
+    assert_float_budget(new_x, d, None)
+    with pytest.raises(RuntimeError, match="fit"):
+        make_method("generator").perturb(new_x, new_y)
+
+
+# ------------------------------------------------------------------------------ argument checks
+@pytest.mark.parametrize(("name", "options", "match"), [
+    ("nope", {}, "unknown method"),
+    ("salm", {"eps": 0}, "eps"),
+    ("salm", {"eps": 1.5}, "eps"),
+    ("salm", {"eps": True}, "eps"),
+    ("salm", {"eps": float("nan")}, "eps"),
+    ("salm", {"k": 0}, "k"),
+    ("salm", {"k": 1.5}, "k"),
+    ("salm", {"k": None}, "k"),
+    ("salm", {"noise": "fgsm"}, "noise"),
+    ("salm", {"poison_ratio": 0.0}, "poison_ratio"),
+    ("salm", {"poison_ratio": 1.5}, "poison_ratio"),
+    ("salm", {"saliency_p": 3}, "saliency_p"),
+    ("salm", {"mask_refresh": -1}, "mask_refresh"),
+    ("salm", {"classes": []}, "classes is empty"),
+    ("samplewise", {"k": 10}, "masked methods only"),
+    ("classwise", {"bogus": 1}, "bogus"),
+    ("samplewise", {"loop": BiLevelConfig(max_rounds=0)}, "max_rounds"),
+    ("generator", {"loop": BiLevelConfig(batch_size=0)}, "batch_size"),
+    ("salm", {"loop": BiLevelConfig(min_rounds=5, max_rounds=2)}, "min_rounds"),
+])
+def test_make_method_refuses_bad_options(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_method(name, **options)
+
+
+def test_fit_refuses_bad_data(gray):
+    x, y = _xy(gray)
+    m = make_method("random", k=10)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        m.fit(x + 1, y)
+    with pytest.raises(ValueError, match="one integer label per image"):
+        m.fit(x, y[:-1])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        m.fit(x, torch.zeros_like(y))
+    with pytest.raises(ValueError, match="k must be between 1 and H\\*W"):
+        make_method("random", k=28 * 28 + 1).fit(x, y)
+    with pytest.raises(ValueError, match="classes"):
+        SALM(k=10, classes=[2], mask_epochs=1, loop=tiny_loop()).fit(x, y, 2)
+    with pytest.raises(ValueError, match="no image is selected"):  # round(0.005 * 64) = 0 images
+        SALM(k=10, poison_ratio=0.005, mask_epochs=1, loop=tiny_loop()).fit(x, y, 2)
+
+
+def test_fit_leaves_the_callers_random_state_alone(gray):
+    x, y = _xy(gray)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    make_method("samplewise", steps=1, loop=tiny_loop()).fit(x, y, 2)
+    make_method("random", k=10).fit(x, y, 2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_method_registry_is_complete():
+    assert set(METHODS) == {"salm", "samplewise", "classwise", "generator", "random"}
