@@ -122,6 +122,9 @@ class ProtectResult:
                 ("images", str(s["images"])),
                 ("L-inf (stored bytes)", f"{b['linf_levels']}/255 (budget {s['budget_levels']}/255)"),
                 ("L0 (pixels changed)", f"{b['l0_fraction']:.3f} of pixels, <= {b['l0_max_per_image']} per image"),
+                *([("L2 (stored bytes)", f"{b['l2_max']:.3f} per image (max)" + (
+                    f", budget {b['l2_budget']:.3f}" if b.get("l2_budget") is not None else ""))]
+                  if "l2_max" in b else []),
                 ("PSNR / SSIM", f"{s['quality']['psnr_db']:.1f} dB / {s['quality']['ssim']:.4f}"),
                 ("time", f"{s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s)"),
                 ("release", str(self.release_path))]
@@ -129,24 +132,29 @@ class ProtectResult:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float = 8 / 255,
+def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | None = None,
             k: int | float | None = None, splits: str | Sequence[str] = "train", seed: int = 0,
             resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
             figure: bool = True, keep_checkpoint: bool = False, **options: Any) -> ProtectResult:
     """Protect ``data`` with ``method``; write the release, a summary and a figure into ``out``.
 
-    ``k`` (masked methods): pixels per image (int) or fraction of H*W (float); SALM's
-    default is 0.1. ``splits``: which splits to perturb ("train", a list, or "all").
+    ``eps``: the L-inf budget in [0, 1] units; None: the method's default (8/255; 1.0 for
+    ``ops``, and for ``lsp`` in its L2 mode). ``k`` (masked methods): pixels per image (int)
+    or fraction of H*W (float); None: the method's default (SALM 0.1, ``ops`` 1).
+    ``splits``: which splits to perturb ("train", a list, or "all").
     Everything is checked before any work starts; nothing is written on bad input.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_release_eps(eps)
+    if eps is not None:
+        check_release_eps(eps)
     if k is None and METHODS[method].masked:
-        k = 0.1
+        k = METHODS[method].default_k
     if k is not None:
         options["k"] = k
     algo = make_method(method, eps=eps, seed=seed, **options)  # validates the options
+    eps = algo.eps  # eps=None: the method's default
+    check_release_eps(eps)
     with ops.use_backend(backend):
         pass  # validates the backend before the long part
     ds = _as_dataset(data)
@@ -178,6 +186,7 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
         released = released.replace_split(name, stored)
         budget[name] = measure_budget(ds[name].images, released[name].images).as_dict()
     _verify_budget(algo, budget, eps, x.shape[2] * x.shape[3])
+    extra_budget = algo.check_release(clean_u8, release_u8)  # e.g. LSP's L2 bound on the stored bytes
     quality = _quality(clean_u8, release_u8)
 
     summary = {
@@ -191,7 +200,7 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
         "images": int(len(x)),
         "eps": eps,
         "budget_levels": budget_levels(eps),
-        "budget": _merge_budget(budget),
+        "budget": {**_merge_budget(budget), **extra_budget},
         "budget_per_split": budget,
         "quality": quality,
         "seconds": seconds,

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("protect", help="perturb a dataset; write the release, a summary and a figure")
     pr.add_argument("--data", required=True, help="MedMNIST .npz, an image folder with labels.csv, or 'synthetic'")
     pr.add_argument("--method", default="salm", choices=sorted(METHODS))
-    pr.add_argument("--eps", type=parse_eps, default=8 / 255, help="L-inf budget: 8/255 (default), 0.03 or 8")
+    pr.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget: 8/255, 0.03 or 8 (levels); "
+                    "default: the method's (8/255; 1.0 for ops and for lsp's L2 mode)")
     pr.add_argument("--k", type=parse_k, default=None, help="masked methods: pixels per image (80) or fraction "
                     "(0.1, 10%%); SALM default 0.1")
     pr.add_argument("--out", required=True, help="output folder")

@@ -70,7 +70,7 @@ class MethodSpec:
         opts = []
         for item in filter(None, (s.strip() for s in rest.split(","))):
             key, eq, val = item.partition("=")
-            if not eq or not re.fullmatch(r"[a-z_]+", key):
+            if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
                 raise ValueError(f"bad option {item!r} in method spec {text!r} (expected key=value)")
             opts.append((key, _value(val)))
         if name == CLEAN and opts:
@@ -114,7 +114,7 @@ class Grid:
 
     def __init__(self, root: str | Path, datasets: Sequence[str], methods: Sequence[str], victims: Sequence[str],
                  defenses: Sequence[str] = ("none",), seeds: Sequence[int] = (0,), *, epochs: int | None = None,
-                 precision: str = "auto", augment: str = "crop_flip", eps: float = 8 / 255):
+                 precision: str = "auto", augment: str = "crop_flip", eps: float | None = None):
         from .models import MODELS
         from .victims import parse_defenses
 

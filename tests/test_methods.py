@@ -269,4 +269,4 @@ def test_fit_leaves_the_callers_random_state_alone(gray):
 
 
 def test_method_registry_is_complete():
-    assert set(METHODS) == {"salm", "samplewise", "classwise", "generator", "random"}
+    assert set(METHODS) == {"salm", "samplewise", "classwise", "generator", "random", "tap", "ops", "lsp"}

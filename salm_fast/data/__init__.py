@@ -5,6 +5,7 @@ MedMNIST's conventions); :func:`load_dataset` opens any supported source from on
 Every bad input raises :class:`DataError` (a ``ValueError``) with a one-line message naming
 the file and the problem; every writer is atomic.
 """
+from .combine import combine
 from .atomic import atomic_path, atomic_write_bytes, atomic_write_json, check_writable
 from .dataset import SPLITS, Dataset, Split, split_from_tensors, to_uint8_images
 from .errors import DataError, UnwritableOutputError
@@ -18,6 +19,6 @@ __all__ = [
     "load_dataset", "parse_synthetic_spec",
     "load_medmnist", "save_medmnist", "medmnist_filename", "parse_medmnist_filename",
     "load_image_folder", "save_image_folder",
-    "make_synthetic", "split_from_tensors", "to_uint8_images",
+    "make_synthetic", "combine", "split_from_tensors", "to_uint8_images",
     "atomic_path", "atomic_write_bytes", "atomic_write_json", "check_writable",
 ]

@@ -4,6 +4,8 @@ Spec syntax:
 
 * ``path/to/file.npz``: a MedMNIST-format file (:func:`load_medmnist`).
 * ``path/to/folder``: an image folder with ``labels.csv`` (:func:`load_image_folder`).
+* ``combine:a.npz+b.npz``: the classes of several sources in one dataset
+  (:func:`salm_fast.data.combine.combine`; b's labels follow a's).
 * ``synthetic`` or ``synthetic:key=value,...``: the built-in dataset (:func:`make_synthetic`).
   Keys (integers): ``n`` (total images, split 70/10/20 like MedMNIST), or ``n_train``,
   ``n_val``, ``n_test``; ``size``; ``channels`` (1 or 3); ``classes`` (2-10); ``seed``.
@@ -63,6 +65,13 @@ def load_dataset(spec: str | os.PathLike[str]) -> Dataset:
     """Open a dataset from a path or a spec (see the module docstring); raise DataError otherwise."""
     if isinstance(spec, str) and spec.partition(":")[0].strip() == "synthetic":
         return make_synthetic(**parse_synthetic_spec(spec))
+    if isinstance(spec, str) and spec.startswith("combine:"):
+        from .combine import combine
+
+        parts = [p for p in spec[len("combine:"):].split("+") if p.strip()]
+        if len(parts) < 2:
+            raise DataError(f"{spec!r}: combine needs two or more sources joined by '+'")
+        return combine([load_dataset(p.strip()) for p in parts])
     if not isinstance(spec, (str, os.PathLike)):
         raise DataError(f"dataset spec must be a path or a string, got {type(spec).__name__}")
     path = Path(spec)

@@ -10,12 +10,16 @@ from typing import Any
 from .base import BiLevelMethod, Method, Protection
 from .classwise import ClassWiseEM
 from .generator_em import GeneratorEM
+from .lsp import LinearSeparablePerturbation
+from .ops_shortcut import OnePixelShortcut
 from .random_noise import RandomNoise
 from .salm import SALM
 from .samplewise import SampleWiseEM
+from .tap import TAP
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SALM, SampleWiseEM, ClassWiseEM, GeneratorEM, RandomNoise)
+    cls.name: cls for cls in (SALM, SampleWiseEM, ClassWiseEM, GeneratorEM, RandomNoise, TAP, OnePixelShortcut,
+                              LinearSeparablePerturbation)
 }
 
 

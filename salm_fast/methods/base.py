@@ -56,8 +56,15 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     norm: ClassVar[str] = "Linf"
     masked: ClassVar[bool] = False  # True: L0 <= k pixels per image as well
+    #: The L-inf budget when none is given (``eps=None``; ``protect``'s default); e.g. 1.0 for
+    #: the one-pixel shortcut, whose pixel may take any value.
+    default_eps: ClassVar[float] = 8 / 255
+    #: Masked methods: ``k`` when none is given (``protect``'s default; SALM's 0.1 of H*W).
+    default_k: ClassVar[int | float] = 0.1
 
-    def __init__(self, eps: float = 8 / 255, *, seed: int = 0, k: int | float | None = None):
+    def __init__(self, eps: float | None = None, *, seed: int = 0, k: int | float | None = None):
+        if eps is None:
+            eps = self.default_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps <= 1:
             raise ValueError(f"{self.name}: eps must be in (0, 1] (e.g. 8/255), got {eps!r}")
         if self.masked:
@@ -100,6 +107,12 @@ class Method(ABC):
         classes; ``protect`` calls it before it writes anything, ``fit`` before any work."""
         if self.masked:
             ops.resolve_k(self.k, image_shape[0] * image_shape[1])  # k within H*W for these images
+
+    def check_release(self, clean_u8: Tensor, release_u8: Tensor) -> dict[str, Any]:
+        """Budget checks of this method beyond L-inf and L0, on the stored bytes (uint8, N x C x H x W,
+        after :meth:`fit`); raise RuntimeError on a violation (a bug). Returns measurements for the
+        summary's ``budget`` (e.g. an L2 norm); none by default."""
+        return {}
 
     # ------------------------------------------------------------ shared pieces
     def _check_inputs(self, x: Tensor, y: Tensor, n_classes: int | None) -> tuple[Tensor, Tensor, int]:
