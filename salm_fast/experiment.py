@@ -222,6 +222,7 @@ class Grid:
             "notes": result.notes, "command": self.command(cell),
             "protect_summary": {k: summary.get(k) for k in ("options", "budget", "protection", "machine")},
         }
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, _clean(row), allow_nan=False)
         return row
 
@@ -246,6 +247,7 @@ class Grid:
     def write_table(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
         self._add_clean_reference(rows)
+        self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / "results.json", _clean(rows), allow_nan=False)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=TABLE_FIELDS, extrasaction="ignore")

@@ -66,33 +66,41 @@ def _save(fig, path: Path) -> None:
     _plt().close(fig)
 
 
+def _without_k(spec: MethodSpec) -> str:
+    rest = [(k, v) for k, v in spec.options if k != "k"]
+    return str(MethodSpec(spec.name, tuple(rest)))
+
+
 def k_sweep_figure(rows: list[dict], path: Path, victim: str) -> bool:
+    """Clean test ACC and AUC vs K: one panel per dataset, one line pair per SALM variant."""
     plt = _plt()
-    by_ds: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    series: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list)))
     clean: dict[str, tuple[float, float]] = {}
     for r in rows:
         if r["victim"] != victim or r["defense"] != "none":
             continue
-        if r["method_name"] == "salm" and isinstance(r.get("k"), (int, float)) and len(MethodSpec.parse(r["method"]).options) <= 1:
-            by_ds[r["dataset"]].append((float(r["k"]), r["test_acc"], r["test_auc"]))
-        elif r["method_name"] == CLEAN:
+        spec = MethodSpec.parse(r["method"])
+        if spec.name == "salm" and isinstance(r.get("k"), (int, float)):
+            series[r["dataset"]][_without_k(spec)][float(r["k"])].append((r["test_acc"], r["test_auc"]))
+        elif spec.name == CLEAN:
             clean[r["dataset"]] = (r["test_acc"], r["test_auc"])
-    by_ds = {d: v for d, v in by_ds.items() if len({k for k, *_ in v}) >= 2}
-    if not by_ds:
+    panels = {ds: {name: pts for name, pts in per.items() if len(pts) >= 2} for ds, per in series.items()}
+    panels = {ds: per for ds, per in panels.items() if per}
+    if not panels:
         return False
-    fig, axes = plt.subplots(1, len(by_ds), figsize=(4.2 * len(by_ds), 3.4), squeeze=False)
-    for ax, (ds, pts) in zip(axes[0], sorted(by_ds.items())):
-        agg: dict[float, list[tuple[float, float]]] = defaultdict(list)
-        for k, acc, auc in pts:
-            agg[k].append((acc, auc))
-        ks = sorted(agg)
-        ax.plot([100 * k for k in ks], [mean(a for a, _ in agg[k]) for k in ks], "-o", label="SALM: test ACC")
-        ax.plot([100 * k for k in ks], [mean(u for _, u in agg[k]) for k in ks], "-s", label="SALM: test AUC")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    for ax, (ds, per) in zip(axes[0], sorted(panels.items())):
+        for name, pts in sorted(per.items()):
+            ks = sorted(pts)
+            xs = [100 * k if k <= 1 else k for k in ks]
+            ax.plot(xs, [mean(a for a, _ in pts[k]) for k in ks], "-o", label=f"{name}: ACC")
+            ax.plot(xs, [mean(u for _, u in pts[k]) for k in ks], "-s", label=f"{name}: AUC")
         if ds in clean:
-            ax.axhline(clean[ds][0], color="tab:blue", ls=":", label="clean: ACC")
-            ax.axhline(clean[ds][1], color="tab:orange", ls=":", label="clean: AUC")
+            ax.axhline(clean[ds][0], color="tab:blue", ls=":", label="clean data: ACC")
+            ax.axhline(clean[ds][1], color="tab:orange", ls=":", label="clean data: AUC")
         ax.set_xscale("log")
-        ax.set_xlabel("K (% of pixels per image)")
+        ax.set_xlabel("K (% of pixels per image; pixels if > 1)")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{dataset_tag(ds)} ({victim})", fontsize=10)
         ax.grid(alpha=0.3)

@@ -79,9 +79,17 @@ def input_gradients(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 51
     return grads
 
 
-def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: int = 1,
+def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: int = 1, window: int = 1,
                   batch_size: int = 512, backend: str | None = None) -> Tensor:
-    """Per-image top-K mask (N x 1 x H x W) of the surrogate's input-gradient saliency."""
+    """Per-image top-K mask (N x 1 x H x W) of the surrogate's input-gradient saliency.
+
+    ``window`` > 1 ranks pixels by their *local* saliency, the mean over a window x window
+    neighbourhood: the mask then covers compact important regions rather than isolated
+    pixels, and a texture written there stays readable by a victim's small filters.
+    ``window`` = 1 is the fused gradient -> top-K kernel.
+    """
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"saliency window must be an odd integer >= 1, got {window}")
     mask = x.new_empty((x.shape[0], 1, x.shape[2], x.shape[3]))
     model.eval()
     for start in range(0, len(x), batch_size):
@@ -89,7 +97,12 @@ def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: 
         xb = x[sl].clone().requires_grad_(True)
         loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
         (g,) = torch.autograd.grad(loss, xb)
-        ops.saliency_topk_mask(g, k, p, out=mask[sl], backend=backend)
+        if window == 1:
+            ops.saliency_topk_mask(g, k, p, out=mask[sl], backend=backend)
+        else:
+            s = ops.grad_magnitude(g, p, backend=backend).unsqueeze(1)
+            s = F.avg_pool2d(s, window, stride=1, padding=window // 2, count_include_pad=False)
+            ops.topk_mask(s[:, 0], k, out=mask[sl], backend=backend)
     return mask
 
 

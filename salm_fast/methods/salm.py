@@ -40,7 +40,7 @@ class SALM(GeneratorEM):
     code = True
 
     def __init__(self, eps: float = 8 / 255, *, k: int | float = 0.1, noise: str = "generator", code: bool = True,
-                 saliency_p: int = 1, mask_epochs: int = 5, mask_refresh: int = 0,
+                 saliency_p: int = 1, saliency_window: int = 1, mask_epochs: int = 5, mask_refresh: int = 0,
                  classes: Sequence[int] | None = None, poison_ratio: float = 1.0, pgd_steps: int = 10,
                  pgd_step_size: float = 2 / 255, **kw):
         super().__init__(eps, k=k, **kw)
@@ -52,7 +52,11 @@ class SALM(GeneratorEM):
             raise ValueError(f"salm: poison_ratio must be in (0, 1], got {poison_ratio}")
         if mask_epochs < 1 or mask_refresh < 0:
             raise ValueError("salm: mask_epochs must be >= 1 and mask_refresh >= 0")
+        if isinstance(saliency_window, bool) or not isinstance(saliency_window, int) or saliency_window < 1 \
+                or saliency_window % 2 == 0:
+            raise ValueError(f"salm: saliency_window must be an odd integer >= 1, got {saliency_window!r}")
         self.noise_kind, self.code, self.saliency_p = noise, bool(code), saliency_p
+        self.saliency_window = saliency_window
         self.mask_epochs, self.mask_refresh = mask_epochs, mask_refresh
         self.classes = None if classes is None else sorted({int(c) for c in classes})
         if self.classes == []:  # would release the clean images as "protected"
@@ -62,6 +66,7 @@ class SALM(GeneratorEM):
 
     def options(self):
         return {**super().options(), "noise": self.noise_kind, "saliency_p": self.saliency_p,
+                "saliency_window": self.saliency_window,
                 "mask_epochs": self.mask_epochs, "mask_refresh": self.mask_refresh, "classes": self.classes,
                 "poison_ratio": self.poison_ratio, "pgd_steps": self.pgd_steps, "pgd_step_size": self.pgd_step_size}
 
@@ -97,7 +102,7 @@ class SALM(GeneratorEM):
         model = self.surrogate_factory(x, n_classes)()
         self.mask_surrogate_accuracy = S.train_clean(model, x, y, epochs=self.mask_epochs, batch_size=128,
                                                      lr=1e-3, gen=gen)
-        mask = S.saliency_mask(model, x, y, self.k, p=self.saliency_p)
+        mask = S.saliency_mask(model, x, y, self.k, p=self.saliency_p, window=self.saliency_window)
         mask[~self.selected(y, n_classes)] = 0
         self.mask_model = model  # kept: new images get their masks from it (perturb)
         return mask
@@ -106,7 +111,8 @@ class SALM(GeneratorEM):
         """Re-rank pixels by the current surrogate's saliency (on the clean images)."""
         if not self.mask_refresh or trainer.round % self.mask_refresh:
             return
-        mask = S.saliency_mask(trainer.model, trainer.x, trainer.y, self.k, p=self.saliency_p)
+        mask = S.saliency_mask(trainer.model, trainer.x, trainer.y, self.k, p=self.saliency_p,
+                                window=self.saliency_window)
         mask[trainer.mask.amax(dim=(1, 2, 3)) == 0] = 0  # unselected images stay clean
         trainer.mask = mask
         trainer.noise.on_mask_change(trainer.x, mask)
@@ -128,7 +134,8 @@ class SALM(GeneratorEM):
             if getattr(self, "mask_model", None) is None:
                 raise RuntimeError("salm: fit() first; there is no surrogate for the saliency masks")
             with torch.enable_grad():
-                mask = S.saliency_mask(self.mask_model, x, y, self.k, p=self.saliency_p)
+                mask = S.saliency_mask(self.mask_model, x, y, self.k, p=self.saliency_p,
+                                       window=self.saliency_window)
         return super().perturb(x, y, mask, batch_size)
 
     # ---------------------------------------------------------------- phase 2

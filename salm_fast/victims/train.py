@@ -52,18 +52,20 @@ class VictimDefaults:
     weight_decay: float  # on conv / linear weights only (not on BN, biases); L2 for sgd/adam, decoupled for adamw
 
 
-#: Every default in one place. Adam at 1e-3, batch 128 is MedMNIST v2's own recipe; on
+#: Every default in one place. Adam at 1e-3, batch 128, no weight decay is MedMNIST v2's own
+#: recipe (weight decay 5e-4 did not change BreastMNIST ResNet-18 test metrics: 0.833 / 0.860
+#: with and without, bf16, 30 epochs, seed 0); on
 #: BreastMNIST (546 training images, 30 epochs = 150 steps) it beat Nesterov SGD at 0.05, which
 #: had not fitted the training set yet (ResNet-18, bf16, seed 0: test ACC 0.814 / AUC 0.850 vs
 #: 0.769 / 0.814). AdamW for the ViT (transformers want decoupled weight decay).
 VICTIM_DEFAULTS: dict[str, VictimDefaults] = {
-    "cnn": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
-    "resnet18": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
-    "resnet50": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
-    "vgg11": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
-    "vgg16": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
-    "densenet121": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
-    "mobilenetv2": VictimDefaults("adam", 1e-3, 30, 128, 5e-4),
+    "cnn": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
+    "resnet18": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
+    "resnet50": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
+    "vgg11": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
+    "vgg16": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
+    "densenet121": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
+    "mobilenetv2": VictimDefaults("adam", 1e-3, 30, 128, 0.0),
     "vit": VictimDefaults("adamw", 1e-3, 30, 128, 0.05),
 }
 #: Used for a caller-built nn.Module.
