@@ -20,7 +20,6 @@ generator protecting new images (one forward pass, mask included or given).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from salm_fast import surrogate as S
-from salm_fast.data import atomic_write_json, load_dataset
+from salm_fast.data import atomic_write_json, load_dataset, storage_to_nchw
 from salm_fast.release import quantize_release
 
 MD_BEGIN = "<!-- bench:speed:begin (written by python -m bench speed; edits inside are overwritten) -->"
@@ -92,8 +91,7 @@ def run(dataset: str, victim: str, epochs: int, seed: int, log=print) -> dict:
 
     torch.set_flush_denormal(False)  # the classic loop runs as written; ours sets its own
     ds = load_dataset(dataset)
-    u8 = torch.from_numpy(ds["train"].images.copy())
-    u8 = u8.unsqueeze(1) if u8.dim() == 3 else u8.permute(0, 3, 1, 2).contiguous()
+    u8 = storage_to_nchw(ds["train"].images)
     x, y = u8.float() / 255, torch.from_numpy(ds["train"].labels[:, 0].copy()).long()
     rows = []
 

@@ -35,8 +35,10 @@ from .data import (
     check_writable,
     load_dataset,
     medmnist_filename,
+    nchw_to_storage,
     save_image_folder,
     save_medmnist,
+    storage_to_nchw,
 )
 from .data.atomic import check_writable_dir
 from .methods import METHODS, make_method
@@ -50,17 +52,6 @@ WORKDIR = "work"
 # ------------------------------------------------------------------------------ helpers
 def _as_dataset(data: str | Path | Dataset) -> Dataset:
     return data if isinstance(data, Dataset) else load_dataset(data)
-
-
-def _storage_to_nchw(images: np.ndarray) -> torch.Tensor:
-    # np.array copies: a Split's arrays are read-only and torch.from_numpy warns on those.
-    t = torch.from_numpy(np.array(images))
-    return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
-
-
-def _nchw_to_storage(t: torch.Tensor) -> np.ndarray:
-    t = t[:, 0] if t.shape[1] == 1 else t.permute(0, 2, 3, 1)
-    return np.ascontiguousarray(t.numpy())
 
 
 def _resolve_splits(ds: Dataset, splits: str | Sequence[str]) -> list[str]:
@@ -169,7 +160,7 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
 
     counts = [len(ds[s]) for s in chosen]
-    clean_u8 = torch.cat([_storage_to_nchw(ds[s].images) for s in chosen])
+    clean_u8 = torch.cat([storage_to_nchw(ds[s].images) for s in chosen])
     labels = torch.cat([torch.from_numpy(np.array(ds[s].labels[:, 0])) for s in chosen]).long()
     x = clean_u8.float() / 255
 
@@ -182,7 +173,7 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     released = ds
     budget, quality = {}, {}
     for name, part, clean_part in zip(chosen, release_u8.split(counts), clean_u8.split(counts)):
-        stored = _nchw_to_storage(part)
+        stored = nchw_to_storage(part)
         released = released.replace_split(name, stored)
         budget[name] = measure_budget(ds[name].images, released[name].images).as_dict()
     _verify_budget(algo, budget, eps, x.shape[2] * x.shape[3])
@@ -335,8 +326,8 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
         result = train_victim(victim, ds["train"].images, ds["train"].labels, test.images, test.labels,
                               progress=progress, **common)
         runs[name] = result.to_dict()
-    pert = perturbation_metrics(_storage_to_nchw(clean_ds["train"].images),
-                                _storage_to_nchw(release_ds["train"].images))
+    pert = perturbation_metrics(storage_to_nchw(clean_ds["train"].images),
+                                storage_to_nchw(release_ds["train"].images))
     res = EvaluationResult(victim, plan.name, runs["clean"], runs["release"], pert, prec,
                            {"seed": seed, "augment": augment, "precision_reason": reason,
                             "machine": machine_info()})

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .data import Dataset, atomic_path, atomic_write_json, load_dataset
+from .data import Dataset, atomic_path, atomic_write_json, load_dataset, storage_to_nchw
 
 CLEAN = "clean"
 TABLE_FIELDS = [
@@ -206,7 +206,7 @@ class Grid:
                               test.labels, epochs=self.epochs, augment=self.augment,
                               defense=None if cell.defense == "none" else cell.defense, seed=cell.seed,
                               precision=prec, num_classes=clean.n_classes, progress=progress)
-        pert = perturbation_metrics(_nchw(clean["train"].images), _nchw(release["train"].images))
+        pert = perturbation_metrics(storage_to_nchw(clean["train"].images), storage_to_nchw(release["train"].images))
         row = {
             "dataset": cell.dataset, "method": str(cell.method), "method_name": cell.method.name,
             "k": cell.method.option("k", (summary.get("options") or {}).get("k")),
@@ -273,13 +273,6 @@ def load_results(root: str | Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ helpers
-def _nchw(images: np.ndarray):
-    import torch
-
-    t = torch.from_numpy(np.array(images))
-    return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)
-
-
 def _per_class(result, test) -> dict[str, float] | None:
     """Clean test accuracy per class (for 'protect selected classes' figures)."""
     from .victims import as_uint8_images, predict_logits

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import salm_fast.surrogate as S
 from salm_fast import protect
 from salm_fast.cli import main
-from salm_fast.data import load_medmnist, make_synthetic
+from salm_fast.data import storage_to_nchw, load_medmnist, make_synthetic
 from salm_fast.experiment import MethodSpec
 from salm_fast.methods import METHODS, TAP, LinearSeparablePerturbation, OnePixelShortcut, make_method
 from salm_fast.release import budget_levels, quantize_release
@@ -24,12 +24,6 @@ F32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731  the b
 FAST_TAP = dict(surrogate_epochs=3, steps=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +36,7 @@ def rgb():
     return make_synthetic(n_train=36, n_val=4, n_test=8, channels=3, n_classes=3, seed=4)
 
 
-def nchw(images: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.array(images))
-    return t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2).contiguous()
+nchw = storage_to_nchw
 
 
 def reload_change(ds, path) -> torch.Tensor:

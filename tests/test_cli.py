@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from salm_fast.cli import main, parse_classes, parse_eps, parse_k
 from salm_fast.data import load_medmnist, make_synthetic, save_medmnist
@@ -15,12 +14,6 @@ from salm_fast.release import budget_levels
 TINY = "synthetic:n=120,seed=1"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_one_line_error(capsys, rc: int, *needles: str) -> str:

@@ -552,8 +552,10 @@ def test_synthetic_is_sparse_and_balanced(channels):
     images = ds["train"].images
     gray = images if channels == 1 else images.max(axis=-1)
     assert np.median(gray) < 40  # dark background
-    bright = (gray > 90).reshape(len(gray), -1).mean(axis=1)  # lesion pixels
-    assert 0.005 < bright.min() and bright.max() < 0.15 and bright.mean() < 0.08
+    # Lesion pixels: clearly above the image's own background (low-contrast, like ultrasound).
+    background = np.median(gray.reshape(len(gray), -1), axis=1)[:, None, None]
+    bright = (gray > background + 20).reshape(len(gray), -1).mean(axis=1)
+    assert 0.002 < bright.min() and bright.max() < 0.2 and 0.02 < bright.mean() < 0.1
     assert np.bincount(ds["train"].labels[:, 0]).tolist() == [100] * 4
 
 
@@ -575,39 +577,34 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared 2-core machine two OpenMP
-    threads contending with other processes made each step ~40x slower (16 ms -> 700 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("channels, n_classes, n_train, epochs", [(1, 2, 1000, 4), (3, 4, 1200, 5)])
-def test_synthetic_is_learnable_by_shape_not_by_brightness(one_thread, channels, n_classes, n_train, epochs):
+@pytest.mark.parametrize("channels, n_classes, n_train, epochs", [(1, 2, 1500, 10), (3, 4, 2000, 10)])
+def test_synthetic_is_learnable_by_shape_not_by_brightness(channels, n_classes, n_train, epochs):
     ds = make_synthetic(n_train, 10, 500, channels=channels, n_classes=n_classes, seed=0)
     x, y = ds["train"].to_tensors()
     xt, yt = ds["test"].to_tensors()
 
     torch.manual_seed(0)
+    bn = nn.BatchNorm2d
     cnn = nn.Sequential(
-        nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, n_classes))
-    opt = torch.optim.Adam(cnn.parameters(), lr=1e-2)
+        nn.Conv2d(channels, 16, 3, padding=1), bn(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), bn(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), bn(32), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        nn.Linear(32, n_classes))
+    opt = torch.optim.Adam(cnn.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 50):
             batch = perm[i:i + 50]
-            loss = nn.functional.cross_entropy(cnn(x[batch]), y[batch])
+            loss = nn.functional.cross_entropy(cnn((x[batch] - 0.5) / 0.25), y[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    cnn_acc = _accuracy(cnn, xt, yt)
+    cnn.eval()
+    cnn_acc = _accuracy(cnn, (xt - 0.5) / 0.25, yt)
     assert cnn_acc > 0.90
 
     # Not a brightness or colour cue: the per-channel mean intensity alone is at chance level.

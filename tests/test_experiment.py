@@ -14,16 +14,6 @@ DATA = "synthetic:n=120,seed=3"
 QUICK = "salm:k=0.1,rounds=1"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_method_spec_round_trips_and_rejects_bad_specs():
     spec = MethodSpec.parse("salm:noise=pgd,k=0.05,classes=0|2")
     assert spec.name == "salm" and spec.option("k") == 0.05 and spec.option("classes") == [0, 2]

@@ -15,13 +15,6 @@ EXPECTED_MPARAMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: several times faster than two on a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_registry_lists_every_model_with_a_description():

@@ -8,7 +8,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from salm_fast import evaluate, protect
@@ -26,12 +25,6 @@ def tiny_loop(rounds: int = 1) -> BiLevelConfig:
     return BiLevelConfig(max_rounds=rounds, surrogate_steps=2, batch_size=32, min_rounds=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

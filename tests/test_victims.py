@@ -43,14 +43,6 @@ def rand_u8(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 FAST = dict(batch_size=16, precision="fp32", eval_train=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: several times faster than two on a shared 2-core CPU, and the
-    determinism checks do not depend on the machine's core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------

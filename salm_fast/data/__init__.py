@@ -7,7 +7,7 @@ the file and the problem; every writer is atomic.
 """
 from .combine import combine
 from .atomic import atomic_path, atomic_write_bytes, atomic_write_json, check_writable
-from .dataset import SPLITS, Dataset, Split, split_from_tensors, to_uint8_images
+from .dataset import SPLITS, Dataset, Split, nchw_to_storage, split_from_tensors, storage_to_nchw, to_uint8_images
 from .errors import DataError, UnwritableOutputError
 from .folder_io import load_image_folder, save_image_folder
 from .load import load_dataset, parse_synthetic_spec
@@ -19,6 +19,6 @@ __all__ = [
     "load_dataset", "parse_synthetic_spec",
     "load_medmnist", "save_medmnist", "medmnist_filename", "parse_medmnist_filename",
     "load_image_folder", "save_image_folder",
-    "make_synthetic", "combine", "split_from_tensors", "to_uint8_images",
+    "make_synthetic", "combine", "storage_to_nchw", "nchw_to_storage", "split_from_tensors", "to_uint8_images",
     "atomic_path", "atomic_write_bytes", "atomic_write_json", "check_writable",
 ]

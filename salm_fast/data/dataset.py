@@ -122,11 +122,7 @@ class Split:
         """``(x, y)``: x float32 ``N x C x H x W`` in [0, 1] (contiguous), y int64 ``N``."""
         import torch
 
-        # np.array copies: torch.from_numpy warns on read-only arrays, and the uint8 copy
-        # is a quarter of the float tensor made from it anyway.
-        x = torch.from_numpy(np.array(self.images))
-        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-        x = x.to(device=device, dtype=torch.float32).div_(255.0).contiguous()
+        x = storage_to_nchw(self.images).to(device=device, dtype=torch.float32).div_(255.0)
         y = torch.from_numpy(np.array(self.labels[:, 0])).to(device)
         return x, y
 
@@ -142,6 +138,21 @@ class Split:
             raise DataError(f"new images have shape {new.shape} (storage layout) but the split has "
                             f"{self.images.shape}")
         return Split(new, self.labels)
+
+
+def storage_to_nchw(images: np.ndarray):
+    """uint8 images in storage layout (N x H x W, N x H x W x C) -> a contiguous N x C x H x W tensor."""
+    import torch
+
+    # np.array copies: torch.from_numpy warns on read-only arrays (a Split's are).
+    t = torch.from_numpy(np.array(images))
+    return (t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)).contiguous()
+
+
+def nchw_to_storage(t) -> np.ndarray:
+    """The inverse of :func:`storage_to_nchw` (a C=1 tensor becomes N x H x W)."""
+    t = t[:, 0] if t.shape[1] == 1 else t.permute(0, 2, 3, 1)
+    return np.ascontiguousarray(t.numpy())
 
 
 def to_uint8_images(x: Any) -> np.ndarray:
