@@ -11,6 +11,7 @@ the clean test split. Writes the table into ``bench/RESULTS.md`` with the comman
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -28,9 +29,10 @@ def methods_for(ks: Sequence[float], extra: Sequence[str]) -> list[str]:
 def markdown(rows: list[dict], command: str) -> str:
     lines = [MD_BEGIN, "## Protection on real MedMNIST (CPU)", "", f"`{command}`", "",
              "Victim trained from scratch on the stored release (crop+flip), clean test split; eps 8/255. "
-             "Protect s = wall time of the protection (all phases).", ""]
-    for ds in sorted({r["dataset"] for r in rows}):
-        sub = [r for r in rows if r["dataset"] == ds]
+             "Protect s = wall time of the protection (all phases). Every cell's own command is in "
+             "`results.csv` of the grid root.", ""]
+    for ds, epochs in sorted({(r["dataset"], r["epochs"] or 0) for r in rows}):
+        sub = [r for r in rows if r["dataset"] == ds and (r["epochs"] or 0) == epochs]
         m = sub[0]
         lines += [f"### {dataset_tag(ds)} ({m['victim']}, {m['epochs']} epochs, precision {m['precision']})", "",
                   "| method | test ACC | test AUC | bal. ACC | train ACC | protect s | L0 | PSNR dB | SSIM |",
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="add method specs to the default list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--md", default="bench/RESULTS.md")
+    ap.add_argument("--tabulate-only", action="store_true", help="write the table from finished cells; run nothing")
     args = ap.parse_args(argv)
     paths = [str(Path(args.data_dir) / f"{d}.npz") for d in args.datasets]
     missing = [p for p in paths if not Path(p).exists()]
@@ -70,8 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in methods:
         MethodSpec.parse(m)
     grid = Grid(args.root, paths, methods, [args.victim], seeds=[args.seed], epochs=args.epochs)
-    rows = grid.run(progress=False)
-    command = "python -m bench real " + " ".join(argv if argv is not None else [])
+    if not args.tabulate_only:
+        grid.run(progress=False)
+    # The table holds every finished cell of this victim and these methods under the root,
+    # whichever invocation ran it (e.g. the datasets run in two lanes at different epochs).
+    order = {str(MethodSpec.parse(m)): i for i, m in enumerate(methods)}
+    tags = {dataset_tag(p): i for i, p in enumerate(paths)}
+    rows = [r for r in grid.finished_rows() if r["victim"] == args.victim and r["defense"] == "none"
+            and r["seed"] == args.seed and r["method"] in order and dataset_tag(r["dataset"]) in tags]
+    rows.sort(key=lambda r: (tags[dataset_tag(r["dataset"])], order[r["method"]], r["epochs"] or 0))
+    if not rows:
+        print("bench real: no finished cells to tabulate")
+        return 1
+    command = "python -m bench real " + " ".join(argv if argv is not None else sys.argv[1:])
     section = markdown(rows, command.strip())
     write_section(Path(args.md), section, MD_BEGIN, MD_END)
     print(section)

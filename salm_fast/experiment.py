@@ -5,8 +5,8 @@ method ``clean``) and tested on the clean test split. Protections are shared by 
 cells that use them. Everything lands under ``root``:
 
     root/releases/<dataset>/<method>-s<seed>/   protect() output (release, summary.json, figure)
-    root/cells/<dataset>/<method>-s<seed>/<victim>-<defense>.json    one finished cell
-    root/results.json, root/results.csv        the tidy table (one row per cell)
+    root/cells/<dataset>/<method>-s<seed>/<victim>-<defense>[-e<epochs>].json    one finished cell
+    root/results.json, root/results.csv        the tidy table: every finished cell under root
 
 A finished cell or protection is never recomputed; an interrupted grid continues
 where it stopped. Every row carries the command that reproduces it.
@@ -143,8 +143,9 @@ class Grid:
 
     def cell_path(self, cell: Cell) -> Path:
         defense = re.sub(r"[^A-Za-z0-9_.-]+", "-", cell.defense)
+        epochs = "" if self.epochs is None else f"-e{self.epochs}"  # a cell at other epochs is another cell
         return (self.root / "cells" / dataset_tag(cell.dataset) / f"{cell.method.tag}-s{cell.seed}"
-                / f"{cell.victim}-{defense}.json")
+                / f"{cell.victim}-{defense}{epochs}.json")
 
     def command(self, cell: Cell) -> str:
         parts = ["salm-fast", "experiment", "--root", str(self.root), "--datasets", cell.dataset,
@@ -244,8 +245,15 @@ class Grid:
             log(f"grid done: {len(cells)} cells in {time.perf_counter() - t0:.0f} s; table {self.root / 'results.csv'}")
         return rows
 
+    def finished_rows(self) -> list[dict]:
+        """Every finished cell under this root, this grid's and earlier grids' (other datasets,
+        victims, epochs...): the root's table grows as grids are added to it."""
+        return [json.loads(p.read_text()) for p in sorted((self.root / "cells").glob("*/*/*.json"))]
+
     def write_table(self, rows: Iterable[dict]) -> None:
         rows = list(rows)
+        mine = {r["command"] for r in rows}
+        rows += [r for r in self.finished_rows() if r.get("command") not in mine]
         self._add_clean_reference(rows)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / "results.json", _clean(rows), allow_nan=False)
@@ -259,10 +267,12 @@ class Grid:
 
     @staticmethod
     def _add_clean_reference(rows: list[dict]) -> None:
-        ref = {(r["dataset"], r["victim"], r["defense"], r["seed"]): r["test_auc"]
-               for r in rows if r["method_name"] == CLEAN}
+        def key(r):
+            return r["dataset"], r["victim"], r["defense"], r["seed"], r.get("epochs")
+
+        ref = {key(r): r["test_auc"] for r in rows if r["method_name"] == CLEAN}
         for r in rows:
-            r["clean_test_auc_same_victim"] = ref.get((r["dataset"], r["victim"], r["defense"], r["seed"]))
+            r["clean_test_auc_same_victim"] = ref.get(key(r))
 
 
 def load_results(root: str | Path) -> list[dict]:

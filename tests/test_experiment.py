@@ -61,6 +61,17 @@ def test_grid_runs_caches_resumes_and_reports(tmp_path):
     assert (report.parent / "k_sweep_cnn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_grids_sharing_a_root_grow_one_table_and_epochs_key_the_cells(tmp_path):
+    root = tmp_path / "grid"
+    first = Grid(root, [DATA], ["clean"], ["cnn"], epochs=1, precision="fp32").run(progress=False, log=None)
+    second = Grid(root, [DATA], ["clean"], ["cnn"], epochs=2, precision="fp32").run(progress=False, log=None)
+    assert [r["epochs"] for r in first] == [1] and [r["epochs"] for r in second] == [2]  # not the cached 1-epoch cell
+    table = load_results(root)
+    assert sorted(r["epochs"] for r in table) == [1, 2]
+    assert all(r["clean_test_auc_same_victim"] == r["test_auc"] for r in table)  # each joined to its own epochs
+    assert len(list((root / "cells").rglob("*.json"))) == 2
+
+
 def test_grid_rejects_unknown_victims_and_defenses(tmp_path):
     with pytest.raises(ValueError, match="unknown victims"):
         Grid(tmp_path, [DATA], ["clean"], ["alexnet"])

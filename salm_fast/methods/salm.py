@@ -3,6 +3,11 @@
 Phase 1, important-pixel acquisition: a surrogate briefly trained on the clean data
 gives per-pixel input gradients of the cross-entropy; the fused
 ``saliency_topk_mask`` keeps the top-K pixels of each image as a sparse mask.
+By default pixels are ranked by their *local* saliency (the mean over a 5 x 5
+window, ``saliency_window``), which keeps the mask in compact regions around the
+salient anatomy; ``saliency_window=1`` ranks single pixels (the fused gradient ->
+top-K kernel end to end). On BreastMNIST, K = 10%, a ResNet-18 victim reached test
+AUC 0.84 with window 1, 0.82 with 3 and 0.77 with 5 (bench/RESULTS.md).
 Phase 2, noise-generator training: a small conv generator maps (image, label) to a
 perturbation ``eps * tanh(.)`` that lives only on the mask; generator and surrogate
 are trained by the bi-level min-min (surrogate steps on the perturbed data, then
@@ -40,7 +45,7 @@ class SALM(GeneratorEM):
     code = True
 
     def __init__(self, eps: float = 8 / 255, *, k: int | float = 0.1, noise: str = "generator", code: bool = True,
-                 saliency_p: int = 1, saliency_window: int = 1, mask_epochs: int = 5, mask_refresh: int = 0,
+                 saliency_p: int = 1, saliency_window: int = 5, mask_epochs: int = 5, mask_refresh: int = 0,
                  classes: Sequence[int] | None = None, poison_ratio: float = 1.0, pgd_steps: int = 10,
                  pgd_step_size: float = 2 / 255, **kw):
         super().__init__(eps, k=k, **kw)
