@@ -18,7 +18,7 @@ ROOT=${ROOT:-runs/paper}
 DATA=${DATA:-../shared/data/medmnist}
 B=$DATA/breastmnist.npz
 P=$DATA/pneumoniamnist.npz
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 
 case "${1:-}" in
 breast)

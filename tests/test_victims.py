@@ -332,3 +332,16 @@ def test_precision_choice_is_valid_and_explained():
     assert choose_precision("fp32")[0] == "fp32" and choose_precision("bf16")[0] == "bf16"
     with pytest.raises(ValueError):
         choose_precision("fp16")
+
+
+def test_default_batch_shrinks_on_small_training_sets():
+    from salm_fast.victims.train import MIN_STEPS_PER_EPOCH, VICTIM_DEFAULTS
+
+    g = torch.Generator().manual_seed(0)
+    for n, want in ((100, 16), (400, 400 // MIN_STEPS_PER_EPOCH)):
+        x = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=g)
+        y = torch.arange(n) % 2
+        r = train_victim("cnn", x, y, x[:8], y[:8], epochs=1, precision="fp32", eval_train=False)
+        assert r.settings["batch_size"] == want < VICTIM_DEFAULTS["cnn"].batch_size
+    r = train_victim("cnn", x, y, x[:8], y[:8], epochs=1, batch_size=64, precision="fp32", eval_train=False)
+    assert r.settings["batch_size"] == 64  # an explicit batch is kept
