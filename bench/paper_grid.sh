@@ -4,7 +4,8 @@
 # re-running continues where it stopped, and a finished cell is never recomputed.
 #
 #   bash bench/paper_grid.sh breast      # lane 1: BreastMNIST (one core)
-#   bash bench/paper_grid.sh pneumonia   # lane 2: PneumoniaMNIST (the other core)
+#   bash bench/paper_grid.sh speed       # lane 2: the protection-speed table (the other core) ...
+#   bash bench/paper_grid.sh pneumonia   # ... then PneumoniaMNIST
 #   bash bench/paper_grid.sh report      # the tables and the report from whatever finished
 #
 # On this 2-core CPU each lane runs single-threaded so that two lanes share the machine.
@@ -33,17 +34,25 @@ breast)
   # Baselines on ResNet-18, selected classes, adversarial training (clean and protected).
   $SF experiment --root "$ROOT" --datasets "$B" --methods tap ops lsp salm:k=0.2,classes=0 \
       --victims resnet18 --epochs 15
+  # Ablation: saliency window 1 (single pixels) instead of 5.
+  $SF experiment --root "$ROOT" --datasets "$B" --methods salm:k=0.1,saliency_window=1 \
+      salm:k=0.2,saliency_window=1 --victims resnet18 cnn --epochs 15
   $SF experiment --root "$ROOT" --datasets "$B" --methods clean salm:k=0.2 --victims resnet18 --epochs 15 \
       --defenses adv-4 adv-8
   ;;
-pneumonia)
+speed)
   # Speed: the classic error-minimizing loop vs ours, side by side (CNN victim).
   $PY -m bench speed
-  # ResNet-18, 5 epochs: clean, random, SALM, the anti-learning perturbations.
-  $PY -m bench real --root "$ROOT" --datasets pneumoniamnist --epochs 5 --ks 0.05 0.1 0.2
-  # The small CNN, 15 epochs, the whole K sweep.
+  ;;
+pneumonia)
+  # ResNet-18, 5 epochs: clean, random, SALM (and its single-pixel saliency variant),
+  # the anti-learning perturbations.
+  $PY -m bench real --root "$ROOT" --datasets pneumoniamnist --epochs 5 --ks 0.1 0.2 \
+      --extra salm:k=0.2,saliency_window=1
+  # The small CNN, 15 epochs, the whole K sweep, saliency window 5 (default) and 1.
   $SF experiment --root "$ROOT" --datasets "$P" --methods clean random salm:k=0.01 salm:k=0.05 salm:k=0.1 \
-      salm:k=0.2 salm:k=0.5 samplewise classwise generator --victims cnn --epochs 15
+      salm:k=0.2 salm:k=0.5 salm:k=0.1,saliency_window=1 salm:k=0.2,saliency_window=1 samplewise classwise \
+      generator --victims cnn --epochs 15
   # Class-combined: protected Breast classes mixed with clean Pneumonia classes.
   $SF experiment --root "$ROOT" --datasets "combine:$B+$P" --methods clean salm:k=0.2,classes=0\|1 \
       --victims cnn --epochs 15
@@ -54,7 +63,7 @@ report)
   $SF report --root "$ROOT" --out bench/report
   ;;
 *)
-  echo "usage: bash bench/paper_grid.sh breast|pneumonia|report" >&2
+  echo "usage: bash bench/paper_grid.sh breast|speed|pneumonia|report" >&2
   exit 2
   ;;
 esac

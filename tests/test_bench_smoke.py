@@ -61,3 +61,15 @@ def test_cli_runs_the_kernel_subcommand(monkeypatch, tmp_path, capsys):
     assert "## Kernels (CPU)" in md.read_text()
     assert "| topk_mask |" in capsys.readouterr().out
     assert cli.main(["no-such-benchmark"]) == 2
+
+
+def test_generator_throughput_bench_writes_its_section(tmp_path):
+    md = tmp_path / "R.md"
+    md.write_text("# Benchmark results\n\nkeep me\n")
+    out = tmp_path / "results_speed.json"
+    assert cli.main(["speed", "--generator-only", "--dataset", "synthetic:n=120", "--out", str(out),
+                     "--md", str(md)]) == 0
+    data = json.loads((tmp_path / "results_generator.json").read_text())
+    assert data["images"] > 0 and data["images_per_s"] > 0 and data["images_per_s_with_mask"] > 0
+    text = md.read_text()
+    assert "keep me" in text and "SALM generator on new images" in text and text.count("bench:generator:begin") == 1

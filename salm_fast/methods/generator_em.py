@@ -52,7 +52,8 @@ class GeneratorEM(BiLevelMethod):
         if mask is None:
             mask = x.new_ones((x.shape[0], 1, x.shape[2], x.shape[3]))
         out = torch.empty_like(x)
-        for s in range(0, len(x), batch_size):
-            sl = slice(s, s + batch_size)
-            out[sl] = ops.masked_linf_project(x[sl], self.net(x[sl], y[sl]), mask[sl], self.eps)
+        with torch.inference_mode():  # no autograd graph: a forward pass is all it takes
+            for s in range(0, len(x), batch_size):
+                sl = slice(s, s + batch_size)
+                out[sl] = ops.masked_linf_project(x[sl], self.net(x[sl], y[sl]), mask[sl], self.eps)
         return out
