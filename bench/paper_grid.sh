@@ -25,12 +25,12 @@ case "${1:-}" in
 breast)
   # ResNet-18: clean, random, SALM K sweep, the anti-learning perturbations.
   $PY -m bench real --root "$ROOT" --datasets breastmnist --epochs 15
-  # The zoo: every victim on clean data and on SALM at K = 20% and 10%.
-  $SF experiment --root "$ROOT" --datasets "$B" --methods clean salm:k=0.2 salm:k=0.1 \
-      --victims cnn vgg11 vit densenet121 --epochs 15
   # Counter-measures on ResNet-18 against SALM K = 20%.
   $SF experiment --root "$ROOT" --datasets "$B" --methods salm:k=0.2 --victims resnet18 --epochs 15 \
       --defenses cutout mixup cutmix jpeg-10 jpeg-50 jpeg-90 blur bitdepth-4 iss
+  # The zoo: every victim on clean data and on SALM at K = 20%.
+  $SF experiment --root "$ROOT" --datasets "$B" --methods clean salm:k=0.2 \
+      --victims cnn vgg11 vit densenet121 --epochs 15
   # Baselines on ResNet-18, selected classes, adversarial training (clean and protected).
   $SF experiment --root "$ROOT" --datasets "$B" --methods tap ops lsp salm:k=0.2,classes=0 \
       --victims resnet18 --epochs 15

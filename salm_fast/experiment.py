@@ -92,6 +92,12 @@ class MethodSpec:
         return dict(self.options).get(key, default)
 
 
+def canonical_dataset(spec: str) -> str:
+    """One name per dataset file: an existing path, made absolute (other specs as they are)."""
+    p = Path(spec)
+    return str(p.resolve()) if (p.suffix == ".npz" and p.exists()) or p.is_dir() else spec
+
+
 def dataset_tag(spec: str) -> str:
     p = Path(spec)
     if p.suffix == ".npz" or p.is_dir():
@@ -268,7 +274,7 @@ class Grid:
     @staticmethod
     def _add_clean_reference(rows: list[dict]) -> None:
         def key(r):
-            return r["dataset"], r["victim"], r["defense"], r["seed"], r.get("epochs")
+            return canonical_dataset(r["dataset"]), r["victim"], r["defense"], r["seed"], r.get("epochs")
 
         ref = {key(r): r["test_auc"] for r in rows if r["method_name"] == CLEAN}
         for r in rows:

@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import mean
 
 from .data.atomic import atomic_path
-from .experiment import CLEAN, MethodSpec, dataset_tag, load_results
+from .experiment import CLEAN, MethodSpec, canonical_dataset, dataset_tag, load_results
 
 
 def _fmt_cell(rows: list[dict]) -> str:
@@ -165,7 +165,8 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
                  main_defense: str = "none") -> Path:
     """Write ``report.md`` (and its figures) for the grid in ``root``; returns the Markdown path."""
     root = Path(root)
-    rows = load_results(root)
+    # One dataset, one name: grids may have named the same file by different paths.
+    rows = [{**r, "dataset": canonical_dataset(r["dataset"])} for r in load_results(root)]
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# {title}", "",
@@ -185,7 +186,9 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
         defenses = sorted({r["defense"] for r in rows if r["dataset"] == ds})
         if len(defenses) > 1:
             for v in victims_all:
-                dsub = [r for r in rows if r["dataset"] == ds and r["victim"] == v]
+                attacked = {r["method"] for r in rows if r["dataset"] == ds and r["victim"] == v
+                            and r["defense"] != "none"}
+                dsub = [r for r in rows if r["dataset"] == ds and r["victim"] == v and r["method"] in attacked]
                 dnames = sorted({r["defense"] for r in dsub}, key=lambda d: (d != "none", d))
                 if len(dnames) < 2:
                     continue
@@ -198,7 +201,9 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
             figs.append((f"K sweep ({v})", f"k_sweep_{v}.png"))
     salm_methods = _method_order({r["method"] for r in rows if r["method_name"] == "salm"})
     if salm_methods:
-        pick = next((m for m in salm_methods if MethodSpec.parse(m).option("k") in (0.1, None)), salm_methods[0])
+        pick = next((m for k in (0.2, 0.1) for m in salm_methods
+                     if MethodSpec.parse(m).option("k") == k and len(MethodSpec.parse(m).options) == 1),
+                    salm_methods[0])
         for v in victims_all:
             if curves_figure(rows, out / f"curves_{v}.png", v, pick):
                 figs.append((f"Learning curves ({v}, clean vs `{pick}`)", f"curves_{v}.png"))

@@ -108,3 +108,14 @@ def test_combine_spec_loads_files(tmp_path):
     c = load_dataset(f"combine:{pa}+{pb}")
     assert c.n_classes == 4 and len(c["train"]) == 20
     json.dumps(c.label_names)
+
+
+def test_one_dataset_file_has_one_canonical_name(tmp_path, monkeypatch):
+    from salm_fast.experiment import canonical_dataset
+
+    f = tmp_path / "d" / "breastmnist.npz"
+    f.parent.mkdir()
+    f.write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "d")
+    assert canonical_dataset("breastmnist.npz") == canonical_dataset(str(f)) == canonical_dataset("../d/breastmnist.npz")
+    assert canonical_dataset("synthetic:n=10") == "synthetic:n=10"
