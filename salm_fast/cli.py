@@ -1,7 +1,7 @@
 """``salm-fast``: the command line.
 
     salm-fast demo                                   # synthetic data: protect, evaluate, print the table
-    salm-fast protect --data X.npz --method salm --eps 8/255 --k 0.1 --out DIR
+    salm-fast protect --data X.npz --method salm --eps 8/255 --k 0.2 --out DIR
     salm-fast evaluate --clean X.npz --release DIR/X.npz --victim resnet18 [--defense jpeg-10]
     salm-fast backends                               # which kernel backends run here, and why not
     salm-fast bench kernels                          # from a source checkout: kernel benchmarks
@@ -98,7 +98,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     data = "synthetic:n=1500,seed=0"
     print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM, eps 8/255, k 10% ...", flush=True)
-    result = protect(data, "salm", out=out, eps=8 / 255, k=0.1, overwrite=True, progress=not args.quiet)
+    result = protect(data, "salm", out=out, eps=8 / 255, k=0.2, overwrite=True, progress=not args.quiet)
     print(result.table())
     print(f"\n2/2 training a victim ({args.victim}) on the clean data and on the release ...", flush=True)
     res = evaluate(data, result.release_path, victim=args.victim, epochs=args.epochs, out=out,
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget: 8/255, 0.03 or 8 (levels); "
                     "default: the method's (8/255; 1.0 for ops and for lsp's L2 mode)")
     pr.add_argument("--k", type=parse_k, default=None, help="masked methods: pixels per image (80) or fraction "
-                    "(0.1, 10%%); SALM default 0.1")
+                    "(0.1, 10%%); SALM default 0.2")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--splits", default="train", help="'train' (default), 'all', or a comma list")
     pr.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import salm_fast.surrogate as S
@@ -174,20 +175,24 @@ def test_salm_mask_refresh_moves_the_mask_and_keeps_l0(noise, gray):
     assert_float_budget(x, refreshed.delta, k)
 
 
-def test_salm_mask_is_the_top_k_of_the_surrogate_saliency(gray, monkeypatch):
+@pytest.mark.parametrize("window", [1, 5])
+def test_salm_mask_is_the_top_k_of_the_surrogate_saliency(gray, monkeypatch, window):
     seen = {}
     real = S.saliency_mask
 
     def spy(model, x, y, k, **kw):
-        seen.update(model=model, p=kw.get("p", 1))
+        seen.update(model=model, p=kw.get("p", 1), window=kw.get("window", 1))
         return real(model, x, y, k, **kw)
 
     monkeypatch.setattr(S, "saliency_mask", spy)
     x, y = _xy(gray)
-    m = SALM(EPS, k=25, classes=[0], seed=0, noise="pgd", pgd_steps=1, mask_epochs=1, loop=tiny_loop())
+    m = SALM(EPS, k=25, classes=[0], seed=0, noise="pgd", pgd_steps=1, mask_epochs=1, loop=tiny_loop(),
+             saliency_window=window)
     p = m.fit(x, y, 2)
-    sal = S.input_gradients(seen["model"], x, y).abs().sum(1)  # p = 1: sum_c |dL/dx|
-    assert seen["p"] == 1
+    sal = S.input_gradients(seen["model"], x, y).abs().sum(1, keepdim=True)  # p = 1: sum_c |dL/dx|
+    # ranked by the local saliency: the mean over the window (edges: over the pixels inside)
+    sal = F.avg_pool2d(sal, window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
+    assert seen["p"] == 1 and seen["window"] == window
     for i in range(len(x)):
         on = p.mask[i, 0] > 0
         if int(y[i]) == 1:
