@@ -119,3 +119,12 @@ def test_one_dataset_file_has_one_canonical_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "d")
     assert canonical_dataset("breastmnist.npz") == canonical_dataset(str(f)) == canonical_dataset("../d/breastmnist.npz")
     assert canonical_dataset("synthetic:n=10") == "synthetic:n=10"
+
+
+def test_class_selection_specs_build_their_methods():
+    from salm_fast.methods import make_method
+
+    for text, want in (("salm:classes=0", [0]), ("salm:k=0.2,classes=0|2", [0, 2])):
+        spec = MethodSpec.parse(text)
+        m = make_method(spec.name, **dict(spec.options))
+        assert m.classes == want

@@ -66,6 +66,8 @@ class SALM(GeneratorEM):
         self.noise_kind, self.code, self.saliency_p = noise, bool(code), saliency_p
         self.saliency_window = saliency_window
         self.mask_epochs, self.mask_refresh = mask_epochs, mask_refresh
+        if isinstance(classes, int) and not isinstance(classes, bool):  # one class, e.g. "salm:classes=0"
+            classes = [classes]
         self.classes = None if classes is None else sorted({int(c) for c in classes})
         if self.classes == []:  # would release the clean images as "protected"
             raise ValueError("salm: classes is empty; name at least one class (or None for all)")
