@@ -92,15 +92,20 @@ class MethodSpec:
         return dict(self.options).get(key, default)
 
 
+def _is_spec(spec: str) -> bool:
+    """``synthetic:...``, ``combine:a+b``: a dataset spec, not a path (even if it ends in .npz)."""
+    return re.match(r"^[a-z]+:", spec) is not None and not Path(spec).exists()
+
+
 def canonical_dataset(spec: str) -> str:
     """One name per dataset file: an existing path, made absolute (other specs as they are)."""
     p = Path(spec)
-    return str(p.resolve()) if (p.suffix == ".npz" and p.exists()) or p.is_dir() else spec
+    return str(p.resolve()) if not _is_spec(spec) and ((p.suffix == ".npz" and p.exists()) or p.is_dir()) else spec
 
 
 def dataset_tag(spec: str) -> str:
     p = Path(spec)
-    if p.suffix == ".npz" or p.is_dir():
+    if not _is_spec(spec) and (p.suffix == ".npz" or p.is_dir()):
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", p.stem if p.suffix else p.name)
     digest = hashlib.sha1(spec.encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.split(":")[0]) + "-" + digest

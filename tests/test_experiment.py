@@ -128,3 +128,14 @@ def test_class_selection_specs_build_their_methods():
         spec = MethodSpec.parse(text)
         m = make_method(spec.name, **dict(spec.options))
         assert m.classes == want
+
+
+def test_dataset_specs_are_not_mistaken_for_their_last_file(tmp_path):
+    from salm_fast.experiment import canonical_dataset, dataset_tag
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    a.write_bytes(b"")
+    b.write_bytes(b"")
+    spec = f"combine:{a}+{b}"
+    assert dataset_tag(spec).startswith("combine-") and dataset_tag(spec) != dataset_tag(str(b)) == "b"
+    assert canonical_dataset(spec) == spec
