@@ -21,6 +21,11 @@ from .data.atomic import atomic_path
 from .experiment import CLEAN, MethodSpec, canonical_dataset, dataset_tag, load_results
 
 
+def _code(text: str) -> str:
+    """`text` for a Markdown table cell (a literal | would end the cell)."""
+    return "`" + str(text).replace("|", "\\|") + "`"
+
+
 def _fmt_cell(rows: list[dict]) -> str:
     if not rows:
         return "-"
@@ -47,7 +52,7 @@ def _table(rows: list[dict], row_key: str, col_key: str, rows_order: list[str], 
     lines = [head, "|" + "---|" * (len(cols_order) + 1)]
     for rk in rows_order:
         cells = [_fmt_cell(groups.get((rk, ck), [])) for ck in cols_order]
-        lines.append(f"| `{rk}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {_code(rk)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -155,7 +160,7 @@ def selected_classes_section(rows: list[dict]) -> list[str]:
                     "|---|---|---|---|---|---|---|"]
         for cls, acc in sorted(r["per_class_test_acc"].items()):
             ref = (clean or {}).get("per_class_test_acc", {}).get(cls)
-            out.append(f"| {dataset_tag(r['dataset'])} | {r['victim']} | `{r['method']}` | {cls} | "
+            out.append(f"| {dataset_tag(r['dataset'])} | {r['victim']} | {_code(r['method'])} | {cls} | "
                        f"{'yes' if int(cls) in classes else 'no'} | {'-' if ref is None else f'{ref:.3f}'} | "
                        f"{acc:.3f} |")
     return out
@@ -221,7 +226,7 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
         if r["method_name"] == CLEAN or key in seen or r.get("protect_seconds") is None:
             continue
         seen.add(key)
-        md.append(f"| {dataset_tag(r['dataset'])} | `{r['method']}` | {r['protect_seconds']:.1f} | "
+        md.append(f"| {dataset_tag(r['dataset'])} | {_code(r['method'])} | {r['protect_seconds']:.1f} | "
                   f"{r['protect_images_per_s']:.0f} |")
     path = out / "report.md"
     with atomic_path(path) as tmp:

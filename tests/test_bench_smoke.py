@@ -71,5 +71,6 @@ def test_generator_throughput_bench_writes_its_section(tmp_path):
                      "--md", str(md)]) == 0
     data = json.loads((tmp_path / "results_generator.json").read_text())
     assert data["images"] > 0 and data["images_per_s"] > 0 and data["images_per_s_with_mask"] > 0
+    assert data["images_per_s_bf16"] > 0
     text = md.read_text()
     assert "keep me" in text and "SALM generator on new images" in text and text.count("bench:generator:begin") == 1

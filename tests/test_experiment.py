@@ -139,3 +139,9 @@ def test_dataset_specs_are_not_mistaken_for_their_last_file(tmp_path):
     spec = f"combine:{a}+{b}"
     assert dataset_tag(spec).startswith("combine-") and dataset_tag(spec) != dataset_tag(str(b)) == "b"
     assert canonical_dataset(spec) == spec
+
+
+def test_report_escapes_pipes_in_method_specs():
+    from salm_fast.report import _code
+
+    assert _code("salm:classes=0|1") == "`salm:classes=0\\|1`"

