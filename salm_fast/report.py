@@ -26,6 +26,29 @@ def _code(text: str) -> str:
     return "`" + str(text).replace("|", "\\|") + "`"
 
 
+def _beats_salm(rows: list[dict], victims: list[str]) -> list[str]:
+    """Where another protection leaves a victim a lower test AUC than the best SALM at K <= 20%."""
+    out = []
+    for v in victims:
+        auc: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["victim"] == v and r["method_name"] != CLEAN:
+                auc[r["method"]].append(r["test_auc"])
+        salm = [mean(a) for m, a in auc.items() if MethodSpec.parse(m).name == "salm"
+                and isinstance(MethodSpec.parse(m).option("k"), float) and MethodSpec.parse(m).option("k") <= 0.2
+                and MethodSpec.parse(m).option("classes") is None]
+        if not salm:
+            continue
+        best = min(salm)
+        better = sorted((mean(a), m) for m, a in auc.items() if MethodSpec.parse(m).name != "salm" and mean(a) < best)
+        if better:
+            out.append(f"- {v}: lower victim AUC than the best SALM at K <= 20% ({best:.3f}): "
+                       + ", ".join(f"{_code(m)} {a:.3f}" for a, m in better) + "."
+                       + (" (An AUC under 0.5 is an inverted ranking: flipping the victim's scores gives 1 - AUC.)"
+                          if any(a < 0.5 for a, _ in better) else ""))
+    return out
+
+
 def _fmt_cell(rows: list[dict]) -> str:
     if not rows:
         return "-"
@@ -187,6 +210,7 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
         victims = [v for v in victims_all if any(r["victim"] == v for r in sub)]
         md += [f"## {dataset_tag(ds)}: methods x victims (defense: {main_defense})", ""]
         md += _table(sub, "method", "victim", _method_order({r["method"] for r in sub}), victims)
+        md += ["", *_beats_salm(sub, victims)]
         md += ["", "Reproduce a cell: " + f"`{sub[0]['command']}` (change --methods/--victims).", ""]
         defenses = sorted({r["defense"] for r in rows if r["dataset"] == ds})
         if len(defenses) > 1:
