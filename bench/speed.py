@@ -86,13 +86,18 @@ def victim_auc(clean_ds, release_u8: torch.Tensor, victim: str, epochs: int, see
     return {"acc": r.test["acc"], "auc": r.test["auc"], "precision": r.precision}
 
 
+def train_tensors(ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The train split as stored (uint8 N x C x H x W), as floats in [0, 1], and its labels."""
+    u8 = storage_to_nchw(ds["train"].images)
+    return u8, u8.float() / 255, torch.from_numpy(ds["train"].labels[:, 0].copy()).long()
+
+
 def run(dataset: str, victim: str, epochs: int, seed: int, log=print) -> dict:
     from salm_fast.methods import SALM, SampleWiseEM
 
     torch.set_flush_denormal(False)  # the classic loop runs as written; ours sets its own
     ds = load_dataset(dataset)
-    u8 = storage_to_nchw(ds["train"].images)
-    x, y = u8.float() / 255, torch.from_numpy(ds["train"].labels[:, 0].copy()).long()
+    u8, x, y = train_tensors(ds)
     rows = []
 
     def record(name: str, seconds: float, delta: torch.Tensor, extra: dict) -> None:
@@ -184,8 +189,7 @@ def generator_only(args) -> int:
     from salm_fast.methods import SALM
 
     ds = load_dataset(args.dataset)
-    x = storage_to_nchw(ds["train"].images).float() / 255
-    y = torch.from_numpy(ds["train"].labels[:, 0].copy()).long()
+    _, x, y = train_tensors(ds)
     method = SALM(EPS, k=0.1, seed=args.seed, rounds=2)
     method.fit(x, y, ds.n_classes)
     g = generator_throughput(method, x, y)

@@ -34,13 +34,13 @@ def _beats_salm(rows: list[dict], victims: list[str]) -> list[str]:
         for r in rows:
             if r["victim"] == v and r["method_name"] != CLEAN:
                 auc[r["method"]].append(r["test_auc"])
-        salm = [mean(a) for m, a in auc.items() if MethodSpec.parse(m).name == "salm"
-                and isinstance(MethodSpec.parse(m).option("k"), float) and MethodSpec.parse(m).option("k") <= 0.2
-                and MethodSpec.parse(m).option("classes") is None]
+        specs = {m: MethodSpec.parse(m) for m in auc}
+        salm = [mean(auc[m]) for m, sp in specs.items() if sp.name == "salm" and sp.option("classes") is None
+                and isinstance(sp.option("k"), float) and sp.option("k") <= 0.2]
         if not salm:
             continue
         best = min(salm)
-        better = sorted((mean(a), m) for m, a in auc.items() if MethodSpec.parse(m).name != "salm" and mean(a) < best)
+        better = sorted((mean(a), m) for m, a in auc.items() if specs[m].name != "salm" and mean(a) < best)
         if better:
             out.append(f"- {v}: lower victim AUC than the best SALM at K <= 20% ({best:.3f}): "
                        + ", ".join(f"{_code(m)} {a:.3f}" for a, m in better) + "."
