@@ -18,6 +18,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>
+#define SALM_HAS_MXCSR 1
+#endif
 
 namespace py = pybind11;
 using salm::Dims;
@@ -276,12 +280,25 @@ void pgd_step(const py::handle& x_obj, const py::handle& delta_obj, const py::ha
                        static_cast<float>(eps), static_cast<float>(alpha), out_ptr<float>(out), d, nt);
 }
 
+// Whether the calling thread flushes denormals (MXCSR FTZ 0x8000 or DAZ 0x0040 set), as
+// torch.set_flush_denormal sets them; -1 where there is no such register. torch has no getter,
+// and a context manager must restore what its caller had.
+int flush_denormal_state() {
+#ifdef SALM_HAS_MXCSR
+    return (_mm_getcsr() & 0x8040u) ? 1 : 0;
+#else
+    return -1;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
     m.doc() =
         "salm_fast C++ CPU kernels (OpenMP). Arrays are float32/float64 NumPy views of contiguous tensors; "
         "outputs are filled in place. Use salm_fast.ops, not this module, from user code.";
+    m.def("flush_denormal_state", &flush_denormal_state,
+          "1 if this thread flushes denormals (MXCSR FTZ/DAZ), 0 if not, -1 where that cannot be read.");
     m.def("num_threads", &default_threads, "OpenMP threads a call uses when nthreads=0 (omp_get_max_threads()).");
     m.def("grad_magnitude", &grad_magnitude, py::arg("g"), py::arg("p"), py::arg("out"), py::arg("nthreads") = 0,
           "out (N, H, W) <- sum_c |g| (p=1) or sqrt(sum_c g*g) (p=2) of g (N, C, H, W).");

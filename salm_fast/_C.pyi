@@ -11,6 +11,9 @@ import numpy.typing as npt
 
 _Array = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 
+def flush_denormal_state() -> int:
+    """1 if the calling thread flushes denormals (MXCSR FTZ/DAZ), 0 if not, -1 where unreadable."""
+
 def num_threads() -> int:
     """Threads a call with ``nthreads=0`` uses (``omp_get_max_threads()``)."""
 

@@ -15,8 +15,6 @@ perturbed images, no noise and no seed.
 """
 from __future__ import annotations
 
-import json
-import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -42,7 +40,7 @@ from .data import (
 )
 from .data.atomic import check_writable_dir
 from .methods import METHODS, make_method
-from .release import budget_levels, check_release_eps, measure_budget, quantize_release
+from .release import budget_levels, measure_budget, parse_eps, quantize_release
 
 SUMMARY = "summary.json"
 FIGURE = "protection.png"
@@ -138,14 +136,13 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if eps is not None:
-        check_release_eps(eps)
+        eps = parse_eps(eps)
     if k is None and METHODS[method].masked:
         k = METHODS[method].default_k
     if k is not None:
         options["k"] = k
     algo = make_method(method, eps=eps, seed=seed, **options)  # validates the options
     eps = algo.eps  # eps=None: the method's default
-    check_release_eps(eps)
     with ops.use_backend(backend):
         pass  # validates the backend before the long part
     ds = _as_dataset(data)
@@ -245,8 +242,7 @@ def _merge_budget(budget: dict) -> dict:
 def _quality(clean_u8: torch.Tensor, release_u8: torch.Tensor) -> dict[str, float]:
     from .victims.metrics import perturbation_metrics
 
-    q = perturbation_metrics(clean_u8, release_u8)
-    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in q.items()}
+    return perturbation_metrics(clean_u8, release_u8)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -334,19 +330,10 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "evaluation.json", json.loads(json.dumps(res.as_dict(), default=_json_default)))
+        atomic_write_json(out / "evaluation.json", res.as_dict())
         from .figures import learning_curves
 
         learning_curves({"clean": runs["clean"]["history"], "release": runs["release"]["history"]},
                         out / "learning_curves.png", title=f"{victim} ({plan.name})")
     return res
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    return str(o)

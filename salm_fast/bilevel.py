@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import surrogate as S
 from .data.atomic import atomic_path
 from .noise import Noise
-from .victims.defenses import CropFlip
+from .runtime import autocast, choose_precision, crop_flip
 
 CHECKPOINT_VERSION = 1
 
@@ -106,7 +106,6 @@ class BiLevelTrainer:
         n_eval = config.eval_images if 0 < config.eval_images < len(x) else len(x)
         # A fixed subset, drawn from its own stream so that it does not shift the loop's randomness.
         self.eval_idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed + 1))[:n_eval]
-        self.augment = CropFlip() if config.augment else None
         self.round = 0
         self.history: list[RoundLog] = []
         self.stopped_because = ""
@@ -120,22 +119,18 @@ class BiLevelTrainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.surrogate_lr)
 
     def _choose_precision(self) -> tuple[str, str]:
-        from .victims.precision import choose_precision
-
         return choose_precision(self.cfg.precision, self.x.device, model=self.factory(),
                                 sample_shape=(min(self.cfg.batch_size, 64), *self.x.shape[1:]),
                                 num_classes=int(self.y.max()) + 1)
 
     def autocast(self):
-        from .victims.precision import autocast
-
         return autocast(self.precision, self.x.device)
 
     def augmented(self, xb: Tensor, yb: Tensor) -> Tensor:
         """The victim's augmentation, differentiable w.r.t. the perturbation inside ``xb``."""
-        if self.augment is None:
+        if not self.cfg.augment:
             return xb
-        return self.augment(xb, yb, self.gen)[0]
+        return crop_flip(xb, self.gen)
 
     def loss(self, xb: Tensor, yb: Tensor) -> Tensor:
         with self.autocast():

@@ -229,13 +229,13 @@ class Grid:
             "precision": prec, "precision_reason": reason,
             "protect_seconds": summary.get("seconds"), "protect_images_per_s": summary.get("images_per_second"),
             "victim_seconds": result.time_s, "victim_images_per_s": result.images_per_s,
-            "linf_255": pert["linf_255"], "l0": pert["l0"], "psnr_db": _finite(pert["psnr_db"]),
+            "linf_255": pert["linf_255"], "l0": pert["l0"], "psnr_db": pert["psnr_db"],
             "ssim": pert["ssim"], "history": result.history, "per_class_test_acc": _per_class(result, test),
             "notes": result.notes, "command": self.command(cell),
             "protect_summary": {k: summary.get(k) for k in ("options", "budget", "protection", "machine")},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, _clean(row), allow_nan=False)
+        atomic_write_json(path, row)
         return row
 
     def run(self, progress: bool = True, log=print) -> list[dict]:
@@ -267,7 +267,7 @@ class Grid:
         rows += [r for r in self.finished_rows() if r.get("command") not in mine]
         self._add_clean_reference(rows)
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.root / "results.json", _clean(rows), allow_nan=False)
+        atomic_write_json(self.root / "results.json", rows)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=TABLE_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -304,22 +304,6 @@ def _per_class(result, test) -> dict[str, float] | None:
     pred = logits.argmax(1).numpy()
     y = test.labels[:, 0]
     return {str(c): float((pred[y == c] == c).mean()) for c in np.unique(y)} if len(y) else None
-
-
-def _finite(v: float) -> float | None:
-    return v if v == v and v not in (float("inf"), float("-inf")) else None
-
-
-def _clean(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    if isinstance(o, float):
-        return _finite(o)
-    if isinstance(o, (np.floating, np.integer)):
-        return _clean(o.item())
-    return o
 
 
 def _fmt(v: Any) -> Any:

@@ -11,6 +11,7 @@ levels here, once, so that every evaluation trains on exactly the stored bytes:
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,11 +26,34 @@ def budget_levels(eps: float) -> int:
     return int(math.floor(eps * LEVELS + 1e-6))
 
 
-def check_release_eps(eps: float) -> None:
+def parse_eps(value: object) -> float:
+    """The one rule for an L-inf budget, from the CLI or the API; returns it in [0, 1] units.
+
+    A fraction ``"8/255"`` (string), or a number in (0, 1] (``0.0314``, or ``8 / 255`` in
+    Python). A bare string number of 1 or more (``"1"``, ``"2"``, ``"1.5"``) could mean a
+    fraction or a count of 8-bit levels and is refused with both spellings to choose from.
+    The budget must hold at least one 8-bit level (1/255): a uint8 release cannot hold less.
+    Raises ValueError naming the problem.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Fraction)):
+        raise ValueError(f"eps must be a number in (0, 1] or a fraction such as '8/255', got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            eps = float(Fraction(text))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"eps must be a fraction such as 8/255 or a number in (0, 1), got {value!r}") from None
+        if "/" not in text and eps >= 1:
+            raise ValueError(f"eps {text} is ambiguous: write {text}/255 for {text} levels of 255, or a number "
+                             f"below 1 (e.g. 0.0314) for a fraction of the range")
+    else:
+        eps = float(value)
     if not (math.isfinite(eps) and 0 < eps <= 1):
-        raise ValueError(f"eps must be in (0, 1] (e.g. 8/255), got {eps}")
+        hint = f" ({value} levels would be {value}/255)" if isinstance(value, (int, float)) and 1 < eps <= 255 else ""
+        raise ValueError(f"eps must be in (0, 1] (e.g. 8/255), got {value!r}{hint}")
     if budget_levels(eps) < 1:
         raise ValueError(f"eps={eps:.5f} is below one 8-bit level (1/255): a uint8 release cannot hold it")
+    return eps
 
 
 def quantize_release(images: Tensor, delta: Tensor, eps: float) -> Tensor:
@@ -40,7 +64,7 @@ def quantize_release(images: Tensor, delta: Tensor, eps: float) -> Tensor:
         raise ValueError(f"delta has shape {tuple(delta.shape)}, images {tuple(images.shape)}")
     if not bool(torch.isfinite(delta).all()):
         raise ValueError("delta contains NaN or inf")
-    check_release_eps(eps)  # eps < 1/255 would clamp every step to 0 and silently erase the perturbation
+    eps = parse_eps(eps)  # eps < 1/255 would clamp every step to 0 and silently erase the perturbation
     levels = budget_levels(eps)
     scaled = delta.double() * LEVELS
     magnitude = scaled.abs().round().clamp(1, levels)  # >= 1 level where delta != 0

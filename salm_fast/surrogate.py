@@ -14,14 +14,7 @@ from torch import Tensor, nn
 from . import ops
 from .models import MODELS, build_model
 from .models.cnn import SmallCNN
-
-# Inputs are normalized inside the models' caller, not by dataset statistics, so that
-# the same surrogate code serves any dataset: x in [0, 1] -> (x - 0.5) / 0.25.
-NORM_MEAN, NORM_STD = 0.5, 0.25
-
-
-def normalize(x: Tensor) -> Tensor:
-    return (x - NORM_MEAN) / NORM_STD
+from .runtime import normalize
 
 
 #: The protector's default surrogate: the zoo's 4-conv CNN at half width (4x cheaper);

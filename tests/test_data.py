@@ -390,8 +390,8 @@ def test_atomic_helpers(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) != 0o600  # the usual mode, not mkstemp's
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "bad.json", {"x": object()})
-    with pytest.raises(ValueError):
-        atomic_write_json(tmp_path / "nan.json", {"x": float("nan")}, allow_nan=False)
+    nan = atomic_write_json(tmp_path / "nan.json", {"x": float("nan"), "y": [float("inf"), 1.5]})
+    assert json.loads(nan.read_text()) == {"x": None, "y": [None, 1.5]}  # strict JSON: null, never NaN
     atomic_write_bytes(tmp_path / "b.bin", b"old")
     with pytest.raises(KeyboardInterrupt):
         with atomic_path(tmp_path / "b.bin") as tmp:
@@ -402,7 +402,7 @@ def test_atomic_helpers(tmp_path):
     with atomic_path(tmp_path / "b.bin") as tmp:
         tmp.write_bytes(b"new")
     assert (tmp_path / "b.bin").read_bytes() == b"new"
-    assert _files(tmp_path) == ["b.bin", "r.json"]
+    assert _files(tmp_path) == ["b.bin", "nan.json", "r.json"]
 
 
 def test_unwritable_output_is_refused_up_front(tmp_path, monkeypatch):

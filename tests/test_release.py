@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salm_fast.release import budget_levels, check_release_eps, measure_budget, quantize_release
+from salm_fast.release import budget_levels, parse_eps, measure_budget, quantize_release
 
 EPS_VALUES = (1 / 255, 0.03, 8 / 255, 16 / 255, 1.0)
 
@@ -32,9 +32,9 @@ def test_budget_levels_is_the_floor_of_eps_in_levels(eps, levels):
 
 
 @pytest.mark.parametrize("eps", [0.0, -8 / 255, 0.5 / 255, 1.0001, math.nan, math.inf])
-def test_check_release_eps_refuses_budgets_a_uint8_release_cannot_hold(eps):
+def test_parse_eps_refuses_budgets_a_uint8_release_cannot_hold(eps):
     with pytest.raises(ValueError, match="eps"):
-        check_release_eps(eps)
+        parse_eps(eps)
 
 
 # ------------------------------------------------------------------------------ quantize_release

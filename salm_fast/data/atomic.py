@@ -14,6 +14,7 @@ Usable by any part of salm-fast (checkpoints, reports, releases)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -131,13 +132,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: 
     return Path(path)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with what strict JSON cannot hold made plain: NaN/inf floats -> None, NumPy
+    scalars and arrays -> Python numbers and lists, tensors -> lists, tuples -> lists, paths
+    -> strings. The one place this conversion happens."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars / arrays, torch tensors
+        return json_safe(obj.tolist())
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2,
-                      overwrite: bool = True, allow_nan: bool = True) -> Path:
-    """Serialize ``obj`` as JSON (UTF-8, trailing newline) and write it atomically; return the path.
+                      overwrite: bool = True) -> Path:
+    """Serialize ``json_safe(obj)`` as strict JSON (UTF-8, trailing newline) and write it atomically;
+    return the path.
 
     Serialization happens before anything touches the disk, so an object that is not
-    JSON-serializable raises ``TypeError`` and writes nothing. ``allow_nan=False`` makes
-    NaN/inf a ``ValueError`` (strict RFC 8259 JSON) instead of writing ``NaN``.
+    JSON-serializable raises ``TypeError`` and writes nothing. NaN/inf are written as null.
     """
-    text = json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n"
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)

@@ -26,6 +26,7 @@ from .. import ops
 from .. import surrogate as S
 from ..bilevel import BiLevelConfig, BiLevelTrainer
 from ..noise import Noise
+from ..runtime import flush_denormal
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Method(ABC):
         if ctx.workdir:
             ctx.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), _flush_denormal():
+        with torch.random.fork_rng(devices=[]), flush_denormal():
             torch.manual_seed(self.seed)
             result = self._fit(x, y, n_classes, ctx)
         seconds = time.perf_counter() - t0
@@ -222,15 +223,3 @@ class BiLevelMethod(Method):
             "history": [h.__dict__ for h in trainer.history],
         }
         return Protection(delta, mask, info)
-
-
-class _flush_denormal:
-    """Denormal floats slow the CPU loop several-fold as noise and gradients shrink."""
-
-    def __enter__(self):
-        self._prev = torch.set_flush_denormal(True)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_flush_denormal(False)
-        return False

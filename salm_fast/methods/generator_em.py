@@ -52,7 +52,7 @@ class GeneratorEM(BiLevelMethod):
         ~3.4x the fp32 throughput on an AVX-512-BF16 CPU (1 thread, 28 px: 4,233 vs 1,268
         images/s); the noise then differs from the fp32 one by bf16 rounding, while the
         budget is still enforced exactly (the projection runs in the input's dtype)."""
-        from ..victims.precision import autocast
+        from ..runtime import autocast
 
         if self.net is None:
             raise RuntimeError(f"{self.name}: fit() first; the generator is not trained")

@@ -5,7 +5,7 @@
 - :mod:`.defenses`: the counter-measures (JPEG, blur, bit depth, grayscale, ISS, crop+flip,
   cutout, mixup, cutmix, PGD adversarial training), by name;
 - :mod:`.metrics`: classification metrics and perturbation quality (L-inf, L0, PSNR, SSIM);
-- :mod:`.precision`: fp32 vs bf16 chosen from what the CPU supports.
+- precision (fp32 vs bf16 from what the CPU supports) and normalization live in :mod:`salm_fast.runtime`.
 
 Comparing clean and protected training is a few lines::
 
@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from .defenses import DEFENSES, DefensePlan, make_defense, parse_defenses
 from .metrics import auc_score, balanced_accuracy, classification_metrics, perturbation_metrics, ssim
-from .precision import autocast, choose_precision, cpu_features, measure_throughput
+from ..runtime import Normalize, autocast, choose_precision, cpu_features
 from .train import (
     VICTIM_DEFAULTS,
-    Normalize,
     VictimDefaults,
     VictimResult,
     as_labels,
@@ -33,6 +32,6 @@ from .train import (
 __all__ = [
     "DEFENSES", "VICTIM_DEFAULTS", "DefensePlan", "Normalize", "VictimDefaults", "VictimResult", "as_labels",
     "as_uint8_images", "auc_score", "autocast", "balanced_accuracy", "choose_precision", "classification_metrics",
-    "cpu_features", "evaluate_model", "make_defense", "measure_throughput", "parse_defenses", "perturbation_metrics",
+    "cpu_features", "evaluate_model", "make_defense", "parse_defenses", "perturbation_metrics",
     "predict_logits", "ssim", "train_victim",
 ]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .precision import autocast
+from ..runtime import autocast, crop_flip
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -47,10 +47,6 @@ LUMA_601 = (0.299, 0.587, 0.114)
 def _check_uint8_images(images: Tensor) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"data-level defenses take uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
-
-
-def _rand(shape: tuple[int, ...], gen: torch.Generator, like: Tensor) -> Tensor:
-    return torch.rand(shape, generator=gen).to(like.device)
 
 
 def _beta(alpha: float, gen: torch.Generator) -> float:
@@ -213,17 +209,7 @@ class CropFlip(BatchDefense):
         self.name = "crop_flip"
 
     def __call__(self, x: Tensor, targets: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        n, c, h, w = x.shape
-        p = self.pad
-        padded = F.pad(x, (p, p, p, p), mode=self.pad_mode)
-        offs = torch.randint(0, 2 * p + 1, (2, n), generator=gen).to(x.device)
-        rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (offs[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        flip = _rand((n,), gen, x) < 0.5
-        cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
-        out = padded[torch.arange(n, device=x.device)[:, None, None, None],
-                     torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
-        return out, targets
+        return crop_flip(x, gen, pad=self.pad, pad_mode=self.pad_mode), targets
 
 
 class Cutout(BatchDefense):

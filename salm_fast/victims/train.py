@@ -14,8 +14,8 @@ judged, is the stored uint8 copy. Labels: N or N x 1 integers.
 
 Reproducibility: same seed, same precision, same thread count and machine -> the same
 history bit for bit (model init, data order and augmentation all come from ``seed``; the
-caller's global RNG state is restored afterwards). ``torch.set_flush_denormal(True)`` is
-switched on (and left on): denormals slow CPU training several-fold.
+caller's global RNG state is restored afterwards). Denormals are flushed during training (they
+slow CPU training several-fold) and the caller's setting is restored after.
 
 >>> r = train_victim("cnn", x_train, y_train, x_test, y_test, epochs=5)   # doctest: +SKIP
 >>> r.test["acc"], r.test["auc"], r.precision, r.images_per_s             # doctest: +SKIP
@@ -33,12 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..models import MODELS, build_model
+from ..runtime import Normalize, autocast, choose_precision, flush_denormal
 from .defenses import CropFlip, parse_defenses
 from .metrics import classification_metrics
-from .precision import autocast, choose_precision
 
-#: Fixed input normalization (images in [0, 1]): no dataset statistics needed.
-NORM_MEAN, NORM_STD = 0.5, 0.25
 
 
 @dataclass(frozen=True)
@@ -79,17 +77,6 @@ EVAL_BATCH = 512        # images per forward pass at evaluation
 #: (75 steps) had not fitted its training set (train ACC 0.80, test AUC 0.786 vs 0.860 at 30
 #: epochs; bench/paper_grid.sh, first run).
 MIN_STEPS_PER_EPOCH = 16
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std with fixed scalars: images in [0, 1] -> roughly zero-mean, unit scale."""
-
-    def __init__(self, mean: float = NORM_MEAN, std: float = NORM_STD):
-        super().__init__()
-        self.mean, self.std = float(mean), float(std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
 
 
 @dataclass
@@ -273,11 +260,13 @@ def train_victim(
     """
     args = dict(locals())
     if threads is None:
-        return _train_victim(**args)
+        with flush_denormal():
+            return _train_victim(**args)
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
-        return _train_victim(**args)
+        with flush_denormal():
+            return _train_victim(**args)
     finally:
         torch.set_num_threads(before)
 
@@ -338,8 +327,6 @@ def _train_victim(*, model, train_x, train_y, test_x, test_y, epochs, batch_size
         device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
     device = torch.device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
 
     notes = plan.notes(c)
     t0 = time.perf_counter()

@@ -1,8 +1,16 @@
-"""Run-time choice of the training precision: fp32, or bf16 autocast (fp32 master weights).
+"""What the protector and the victims share at run time: device, precision, denormals, input
+normalization and the attacker's crop + flip.
+
+Both sides import from here (never from each other): :func:`resolve_device`,
+:func:`choose_precision` / :func:`autocast` (fp32, or bf16 autocast with fp32 master weights),
+:func:`flush_denormal` (a context manager that restores the caller's state), :func:`normalize`
+/ :class:`Normalize` (fixed scalars, no dataset statistics) and :func:`crop_flip`.
+
+Precision is chosen at run time.
 
 Why at run time: the CPU changes between sessions and bf16 autocast is a large win or a large
 loss depending on it. Training throughput at 28 px, 1 channel, batch 128, forward + backward +
-SGD step on an in-memory batch (images/s, :func:`measure_throughput`; CL = channels_last):
+SGD step on an in-memory batch (images/s; CL = channels_last):
 
 ===============================  ========  ========  ========  ========  ===========
 CPU, model                        fp32      fp32 CL   bf16      bf16 CL   bf16/fp32 CL
@@ -169,27 +177,90 @@ def choose_precision(requested: str = "auto", device: str | torch.device = "cpu"
     return "fp32", f"avx512_bf16 without AMX, bf16 not clearly faster or not accurate enough: {numbers}"
 
 
-def measure_throughput(model: nn.Module, *, in_channels: int, image_size: int = 28, num_classes: int = 2,
-                       batch_size: int = 128, precision: str = "fp32", channels_last: bool = True,
-                       steps: int = 5, warmup_steps: int = 2, repeats: int = 3) -> dict[str, float]:
-    """Training throughput (images/s) of ``model``: forward + backward + SGD step on one random
-    batch already in memory (no data loading, no augmentation). ``warmup_steps`` untimed steps
-    first (oneDNN primitive creation), then ``repeats`` timings of ``steps`` steps each.
-    Returns ``{"mean", "std", "runs"}`` in images/s. Trains ``model`` in place."""
-    torch.set_flush_denormal(True)
-    gen = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.rand(batch_size, in_channels, image_size, image_size, generator=gen).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (batch_size,), generator=gen)
-    model = model.to(memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    for _ in range(warmup_steps):
-        _train_step(model, opt, x, y, precision)
-    rates = [steps * batch_size / sum(_train_step(model, opt, x, y, precision) for _ in range(steps))
-             for _ in range(repeats)]
-    return {"mean": statistics.fmean(rates), "std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
-            "runs": len(rates)}
+# ------------------------------------------------------------------------------ device
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None: CUDA when present, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a
+    ``torch.device`` as given. Raises ValueError naming the problem when that device cannot run."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {device!r}")
+    return dev
 
 
-__all__ = ["BF16_MAX_LOSS_REL_DIFF", "BF16_MIN_SPEEDUP", "PRECISIONS", "autocast", "calibrate_bf16",
-           "choose_precision", "cpu_features", "measure_throughput"]
+# ------------------------------------------------------------------------------ denormals
+def _flush_denormal_state() -> bool | None:
+    """Whether this thread flushes denormals now (MXCSR FTZ/DAZ); None where it cannot be read."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    state = _C.flush_denormal_state()
+    return None if state < 0 else bool(state)
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool = True) -> Iterator[None]:
+    """Flush denormal floats to zero inside the block (CPU hot loops: denormals slowed a classic
+    error-minimizing loop several-fold as noise and gradients shrank), then restore the caller's
+    state (read from the CPU's control register; off where it cannot be read)."""
+    before = _flush_denormal_state()
+    torch.set_flush_denormal(enabled)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(bool(before))
+
+
+# ------------------------------------------------------------------------------ inputs
+#: Fixed input normalization of every model here (images in [0, 1]): no dataset statistics, so the
+#: same code serves any dataset, and adversarial steps work in pixel space.
+NORM_MEAN, NORM_STD = 0.5, 0.25
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return (x - NORM_MEAN) / NORM_STD
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with fixed scalars: images in [0, 1] -> roughly zero-mean, unit scale."""
+
+    def __init__(self, mean: float = NORM_MEAN, std: float = NORM_STD):
+        super().__init__()
+        self.mean, self.std = float(mean), float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, *, pad: int = 4, pad_mode: str = "constant") -> torch.Tensor:
+    """The attacker's standard augmentation on a batch N x C x H x W: a random crop with ``pad``
+    px of padding (zero, as torchvision's ``RandomCrop(padding=4)``, or reflect), i.e. a
+    per-image shift in [-pad, pad]^2, and a horizontal flip with probability 1/2. One gather with
+    per-image offsets; differentiable in ``x``; randomness from ``gen`` (drawn on the CPU)."""
+    if pad_mode not in ("constant", "reflect"):
+        raise ValueError(f"pad_mode must be constant or reflect, got {pad_mode!r}")
+    n, c, h, w = x.shape
+    p = int(pad)
+    padded = F.pad(x, (p, p, p, p), mode=pad_mode)
+    offs = torch.randint(0, 2 * p + 1, (2, n), generator=gen).to(x.device)
+    rows = (offs[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offs[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    flip = torch.rand((n,), generator=gen).to(x.device) < 0.5
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    return padded[torch.arange(n, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+__all__ = ["BF16_MAX_LOSS_REL_DIFF", "BF16_MIN_SPEEDUP", "NORM_MEAN", "NORM_STD", "PRECISIONS", "Normalize",
+           "autocast", "calibrate_bf16", "choose_precision", "cpu_features", "crop_flip", "flush_denormal",
+           "normalize", "resolve_device"]
