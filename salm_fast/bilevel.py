@@ -13,6 +13,10 @@ What is optimized (one delta per image, per class, or a generator) is a
 logs every round as a JSON line, checkpoints after every round and resumes from a
 checkpoint to exactly the result of an uninterrupted run (all randomness comes from
 one seeded ``torch.Generator`` whose state is checkpointed with everything else).
+
+The noise sees the loop through a :class:`~salm_fast.noise.LoopView` that the trainer owns.
+A round hook (e.g. SALM's mask refresh) returns a new mask or None; the trainer applies it
+and tells the noise (:meth:`BiLevelTrainer.apply_mask`).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 
 from . import surrogate as S
 from .data.atomic import atomic_path
-from .noise import Noise
+from .noise import LoopView, Noise
 from .runtime import autocast, choose_precision, crop_flip
 
 CHECKPOINT_VERSION = 1
@@ -46,7 +50,7 @@ class BiLevelConfig:
     stop_accuracy: float = 0.99  # stop once the surrogate fits the perturbed data this well
     min_rounds: int = 1  # never stop before this many rounds
     eval_images: int = 0  # images the stop rule's accuracy is measured on (0: all; else a fixed seeded subset)
-    precision: str = "auto"  # surrogate forward/backward: auto (from the CPU, see victims.precision) | fp32 | bf16
+    precision: str = "auto"  # surrogate forward/backward: auto (from the CPU, see runtime.choose_precision) | fp32 | bf16
     augment: bool = True  # crop + flip inside the loop (augmentation-aware noise)
     seed: int = 0
 
@@ -81,28 +85,35 @@ class RoundLog:
     extra: dict = field(default_factory=dict)
 
 
+#: Runs after every round; returns a new mask (applied by the trainer) or None.
+RoundHook = Callable[["BiLevelTrainer"], "Tensor | None"]
+
+
 class BiLevelTrainer:
     """Alternate surrogate and perturbation updates; checkpoint and resume.
 
     ``x`` (N x C x H x W float in [0, 1]), ``y`` (N int64) and ``mask`` (N x 1 x H x W)
-    are the protected images, their labels and the pixels the noise may touch.
+    are the protected images, their labels and the pixels the noise may touch. Each of
+    ``round_hooks`` runs after every round, before the checkpoint, and returns a new mask
+    (same shape) or None.
     """
 
     def __init__(self, surrogate_factory: Callable[[], nn.Module], noise: Noise, x: Tensor, y: Tensor,
                  mask: Tensor, config: BiLevelConfig, *, log_path: str | Path | None = None,
                  checkpoint_path: str | Path | None = None, progress: bool = False,
-                 description: str = "protect", round_hooks: list[Callable[[BiLevelTrainer], None]] | None = None,
+                 description: str = "protect", round_hooks: list[RoundHook] | None = None,
                  settings: dict | None = None):
         config.validate()
         self.factory, self.noise, self.cfg = surrogate_factory, noise, config
         # What else defines the run (method, its options, the data): a checkpoint resumes only under the same.
         self.settings = dict(settings or {})
-        self.x, self.y, self.mask = x, y, mask
+        self.x, self.y = x, y
         self.log_path = Path(log_path) if log_path else None
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress, self.description = progress, description
-        self.round_hooks = list(round_hooks or [])  # called after each round, before the checkpoint
+        self.round_hooks = list(round_hooks or [])
         self.gen = torch.Generator().manual_seed(config.seed)
+        self.view = LoopView(x, y, mask, self.gen, self.loss, self._sample)  # what the noise may see
         n_eval = config.eval_images if 0 < config.eval_images < len(x) else len(x)
         # A fixed subset, drawn from its own stream so that it does not shift the loop's randomness.
         self.eval_idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed + 1))[:n_eval]
@@ -113,6 +124,19 @@ class BiLevelTrainer:
         self.precision, self.precision_reason = self._choose_precision()
 
     # ----------------------------------------------------------------- pieces
+    @property
+    def mask(self) -> Tensor:
+        """The pixels the noise may touch now (N x 1 x H x W); a round hook may replace it."""
+        return self.view.mask
+
+    def apply_mask(self, mask: Tensor) -> None:
+        """Replace the mask and move the stored perturbations inside it."""
+        if not isinstance(mask, Tensor) or mask.shape != self.mask.shape:
+            raise RuntimeError(f"a round hook returned a mask of shape {getattr(mask, 'shape', type(mask))}, "
+                               f"not {tuple(self.mask.shape)} (a bug)")
+        self.view.mask = mask
+        self.noise.on_mask_change(self.x, mask)
+
     def _new_surrogate(self) -> None:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
         self.model = self.factory()
@@ -177,14 +201,16 @@ class BiLevelTrainer:
                 t0 = time.perf_counter()
                 s_loss = self.surrogate_phase()
                 self.model.eval()
-                n_loss, n_images, extra = self.noise.optimize(self)
+                n_loss, n_images, extra = self.noise.optimize(self.view)
                 acc = self.perturbed_accuracy()
                 dt = time.perf_counter() - t0
                 entry = RoundLog(self.round, s_loss, n_loss, acc, dt, n_images / dt if dt > 0 else 0.0, extra)
                 self.history.append(entry)
                 self.round += 1
                 for hook in self.round_hooks:
-                    hook(self)
+                    mask = hook(self)
+                    if mask is not None:
+                        self.apply_mask(mask)
                 self._write_log(entry)
                 done = acc >= self.cfg.stop_accuracy and self.round >= self.cfg.min_rounds
                 self.stopped_because = (f"surrogate accuracy {acc:.3f} >= {self.cfg.stop_accuracy}" if done
@@ -247,7 +273,7 @@ class BiLevelTrainer:
         self.model.load_state_dict(state["surrogate"])
         self.opt.load_state_dict(state["optimizer"])
         self.noise.load_state_dict(state["noise"])
-        self.mask = state["mask"]
+        self.view.mask = state["mask"]  # the noise's state was saved inside it: nothing to move
         self.gen.set_state(state["generator_state"])
         # The precision chosen when the run began, not a new (timing-based) choice.
         self.precision, self.precision_reason = state["precision"]

@@ -5,19 +5,40 @@ the mask, clipped to the L-inf budget and kept inside [0, 1] by the fused
 ``masked_linf_project``) and runs the perturbation half of a round. All updates go
 through ``salm_fast.ops`` (``pgd_step`` for PGD noise, ``masked_linf_project`` with
 autograd for the generator), so the hot loop runs on the fused kernels.
+
+A noise sees the loop only through a :class:`LoopView` (the data, the current mask, the
+loop's random stream, its loss and its batch sampler), which the trainer owns and hands to
+:meth:`Noise.optimize`; this module knows nothing else of the trainer.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
 
-if TYPE_CHECKING:
-    from .bilevel import BiLevelTrainer
+
+@dataclass
+class LoopView:
+    """What the perturbation half of a round may see of the bi-level loop.
+
+    ``x`` N x C x H x W in [0, 1], ``y`` N labels, ``mask`` N x 1 x H x W (the pixels the noise
+    may touch; the trainer replaces it on a refresh). ``gen`` is the loop's one seeded stream:
+    every draw a noise makes comes from it, so a checkpoint resumes to the same bytes.
+    ``loss(xb, yb)`` is the surrogate's loss on a batch (with the loop's augmentation);
+    ``sample()`` draws a batch of indices.
+    """
+
+    x: Tensor
+    y: Tensor
+    mask: Tensor
+    gen: torch.Generator
+    loss: Callable[[Tensor, Tensor], Tensor]
+    sample: Callable[[], Tensor]
 
 
 class Noise(ABC):
@@ -32,7 +53,7 @@ class Noise(ABC):
         """The projected perturbation of images ``idx`` (their pixels x, labels y, mask)."""
 
     @abstractmethod
-    def optimize(self, trainer: BiLevelTrainer) -> tuple[float, int, dict]:
+    def optimize(self, loop: LoopView) -> tuple[float, int, dict]:
         """The perturbation half of a round: (last loss, images processed, extra log fields)."""
 
     def on_mask_change(self, x: Tensor, mask: Tensor) -> None:
@@ -54,9 +75,9 @@ class Noise(ABC):
         return out
 
 
-def _input_grad(trainer: BiLevelTrainer, xb: Tensor, yb: Tensor, d: Tensor) -> tuple[Tensor, float]:
+def _input_grad(loop: LoopView, xb: Tensor, yb: Tensor, d: Tensor) -> tuple[Tensor, float]:
     d = d.detach().requires_grad_(True)
-    loss = trainer.loss(xb + d, yb)
+    loss = loop.loss(xb + d, yb)
     (g,) = torch.autograd.grad(loss, d)
     return g, float(loss.detach())
 
@@ -83,16 +104,16 @@ class SampleWiseNoise(Noise):
     def on_mask_change(self, x, mask):
         self.buffer = ops.masked_linf_project(x, self.buffer, mask, self.eps)
 
-    def optimize(self, trainer):
+    def optimize(self, loop):
         loss, steps_done = 0.0, 0
-        n = len(trainer.x)
-        order = torch.randperm(n, generator=trainer.gen)
+        n = len(loop.x)
+        order = torch.randperm(n, generator=loop.gen)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            xb, yb, mb = trainer.x[idx], trainer.y[idx], trainer.mask[idx]
+            xb, yb, mb = loop.x[idx], loop.y[idx], loop.mask[idx]
             d = self.buffer[idx]
             for _ in range(self.steps):
-                g, loss = _input_grad(trainer, xb, yb, d)
+                g, loss = _input_grad(loop, xb, yb, d)
                 if self.sign < 0 and loss < self.done_loss:
                     break
                 ops.pgd_step(xb, d, g, mb, self.eps, self.step_size, self.sign, out=d)
@@ -127,16 +148,16 @@ class ClassWiseNoise(Noise):
     def delta(self, idx, x, y, mask):
         return ops.masked_linf_project(x, self.patterns[y], mask, self.eps)
 
-    def optimize(self, trainer):
+    def optimize(self, loop):
         loss = 0.0
-        n = len(trainer.x)
-        order = torch.randperm(n, generator=trainer.gen)
+        n = len(loop.x)
+        order = torch.randperm(n, generator=loop.gen)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            xb, yb, mb = trainer.x[idx], trainer.y[idx], trainer.mask[idx]
+            xb, yb, mb = loop.x[idx], loop.y[idx], loop.mask[idx]
             for _ in range(self.steps):
                 p = self.patterns.detach().requires_grad_(True)
-                lo = trainer.loss(xb + ops.masked_linf_project(xb, p[yb], mb, self.eps), yb)
+                lo = loop.loss(xb + ops.masked_linf_project(xb, p[yb], mb, self.eps), yb)
                 (g,) = torch.autograd.grad(lo, p)
                 ops.pgd_step(self._grey, self.patterns, g, self._full, self.eps, self.step_size, self.sign,
                              out=self.patterns)
@@ -167,15 +188,15 @@ class GeneratorNoise(Noise):
     def delta(self, idx, x, y, mask):
         return ops.masked_linf_project(x, self.net(x, y), mask, self.eps)
 
-    def optimize(self, trainer):
+    def optimize(self, loop):
         self.net.train()
         loss = torch.zeros(())
         n_images = 0
         for _ in range(self.steps):
-            idx = trainer._sample()
+            idx = loop.sample()
             n_images += len(idx)
-            xb, yb = trainer.x[idx], trainer.y[idx]
-            loss = trainer.loss(xb + self.delta(idx, xb, yb, trainer.mask[idx]), yb)
+            xb, yb = loop.x[idx], loop.y[idx]
+            loss = loop.loss(xb + self.delta(idx, xb, yb, loop.mask[idx]), yb)
             self.opt.zero_grad(set_to_none=True)
             (-self.sign * loss).backward()  # sign -1 minimizes the loss
             self.opt.step()

@@ -1,8 +1,12 @@
 """The bi-level loop: determinism, checkpoint + resume to the same bytes, the round log, the stop rule."""
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,8 @@ from salm_fast.bilevel import BiLevelConfig, BiLevelTrainer, RoundLog
 from salm_fast.data import load_medmnist, make_synthetic
 from salm_fast.generator import NoiseGenerator
 from salm_fast.methods import SALM, SampleWiseEM, make_method
-from salm_fast.noise import GeneratorNoise
+from salm_fast import noise as noise_module
+from salm_fast.noise import GeneratorNoise, SampleWiseNoise
 from salm_fast.surrogate import build_surrogate
 
 EPS = 8 / 255
@@ -179,8 +184,49 @@ def test_round_log_counts_the_images_really_processed(data):
     noise = GeneratorNoise(NoiseGenerator(1, 2, EPS, width=8), EPS, steps=3)
     trainer = BiLevelTrainer(lambda: build_surrogate("cnn-half", 1, 2, 28), noise, x, y,
                              torch.ones(20, 1, 28, 28), loop(1))
-    _, n_images, _ = noise.optimize(trainer)
+    _, n_images, _ = noise.optimize(trainer.view)
     assert n_images == 3 * 20
+
+
+# ------------------------------------------------------------------------------ the seams: noise <-> trainer
+def test_trainer_applies_the_mask_a_round_hook_returns(data):
+    _, x, y = data
+    new = torch.zeros(len(x), 1, 28, 28)
+    new[:, :, :, :14] = 1  # the left half
+    calls = []
+
+    def hook(trainer):
+        calls.append(trainer.round)
+        return new if trainer.round == 1 else None  # after round 0 only; None keeps the mask
+
+    noise = SampleWiseNoise(tuple(x.shape), EPS, steps=1, step_size=EPS)
+    trainer = BiLevelTrainer(lambda: build_surrogate("cnn-half", 1, 2, 28), noise, x, y,
+                             torch.ones(len(x), 1, 28, 28), loop(2), round_hooks=[hook])
+    trainer.run()
+    assert calls == [1, 2]
+    assert trainer.mask is new and trainer.view.mask is new  # applied by the trainer, seen by the noise
+    assert bool((noise.buffer[:, :, :, 14:] == 0).all())  # the stored noise moved inside the new mask
+    assert bool((noise.buffer[:, :, :, :14] != 0).any())
+
+    bad = BiLevelTrainer(lambda: build_surrogate("cnn-half", 1, 2, 28), noise, x, y, torch.ones(len(x), 1, 28, 28),
+                         loop(1), round_hooks=[lambda trainer: new[:3]])
+    with pytest.raises(RuntimeError, match="round hook returned a mask of shape"):
+        bad.run()
+
+
+def test_noise_does_not_know_the_trainer():
+    """noise.py imports nothing of bilevel.py, not even for type checking; at run time neither does what it imports."""
+    source = Path(noise_module.__file__).read_text()
+    imported = [node.module or "" for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
+    imported += [a.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import) for a in node.names]
+    assert not [m for m in imported if "bilevel" in m or "methods" in m]
+    # The package's __init__ imports the API (and with it the trainer): load noise.py without it.
+    probe = ("import sys, types; pkg = types.ModuleType('salm_fast'); pkg.__path__ = [sys.argv[1]]; "
+             "sys.modules['salm_fast'] = pkg; import salm_fast.noise; "
+             "print(sorted(m for m in sys.modules if m.startswith('salm_fast')))")
+    out = subprocess.run([sys.executable, "-c", probe, str(Path(noise_module.__file__).parent)], check=True,
+                         capture_output=True, text=True).stdout
+    assert "salm_fast.noise" in out and "salm_fast.bilevel" not in out and "salm_fast.methods" not in out
 
 
 # ------------------------------------------------------------------------------ the stop rule

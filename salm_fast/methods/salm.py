@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import surrogate as S
+from ..bilevel import BiLevelTrainer
 from ..noise import SampleWiseNoise
 from .base import FitContext
 from .generator_em import GeneratorEM
@@ -91,10 +92,7 @@ class SALM(GeneratorEM):
     def selected(self, y: Tensor, n_classes: int) -> Tensor:
         """Which images get protected: the chosen classes, then a seeded poison-ratio draw."""
         keep = torch.ones(len(y), dtype=torch.bool)
-        if self.classes is not None:
-            bad = [c for c in self.classes if not 0 <= c < n_classes]
-            if bad:
-                raise ValueError(f"salm: classes {bad} are not in [0, {n_classes})")
+        if self.classes is not None:  # within n_classes: check_data
             keep = torch.isin(y, torch.tensor(self.classes))
         if self.poison_ratio < 1:
             gen = torch.Generator().manual_seed(self.seed + 7919)
@@ -118,15 +116,15 @@ class SALM(GeneratorEM):
         self.mask_model = model  # kept: new images get their masks from it (perturb)
         return mask
 
-    def refresh_mask(self, trainer) -> None:
-        """Re-rank pixels by the current surrogate's saliency (on the clean images)."""
+    def refresh_mask(self, trainer: BiLevelTrainer) -> Tensor | None:
+        """Every ``mask_refresh`` rounds, the pixels re-ranked by the current surrogate's saliency (on the
+        clean images); the trainer applies the new mask. None: keep the mask."""
         if not self.mask_refresh or trainer.round % self.mask_refresh:
-            return
+            return None
         mask = S.saliency_mask(trainer.model, trainer.x, trainer.y, self.k, p=self.saliency_p,
                                 window=self.saliency_window)
         mask[trainer.mask.amax(dim=(1, 2, 3)) == 0] = 0  # unselected images stay clean
-        trainer.mask = mask
-        trainer.noise.on_mask_change(trainer.x, mask)
+        return mask
 
     def round_hooks(self):
         return [self.refresh_mask] if self.mask_refresh else []
