@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import stat
+import sys
 import zipfile
 
 import numpy as np
@@ -239,6 +240,65 @@ def test_saved_file_loads_with_medmnist_classes(tmp_path, cls_name, flag, sizes,
     assert load_medmnist(path).label_names is not None  # a known flag gets medmnist's class names
 
 
+# --- class counts and labels across splits -----------------------------------------------------
+
+def test_class_table_matches_medmnist_info():
+    with contextlib.redirect_stdout(io.StringIO()):  # medmnist's __init__ prints when pandas is missing
+        info = pytest.importorskip("medmnist.info", reason="medmnist is not installed (optional)").INFO
+    from salm_fast.data.medmnist_io import MEDMNIST_2D_CLASSES, MEDMNIST_MULTI_LABEL
+
+    flags_2d = {f for f in info if not f.endswith("3d")}
+    assert set(MEDMNIST_2D_CLASSES) == flags_2d
+    assert MEDMNIST_2D_CLASSES == {f: len(info[f]["label"]) for f in flags_2d}
+    assert MEDMNIST_MULTI_LABEL == {f for f in flags_2d if info[f]["task"].startswith("multi-label")}
+
+
+def _labelled(train, test, dtype=np.int64):
+    arrays = _medmnist_arrays(n=(len(train), 2, len(test)), size=28)
+    arrays.update(train_labels=np.array(train, dtype).reshape(-1, 1), test_labels=np.array(test, dtype).reshape(-1, 1),
+                  val_labels=np.array([0, 1], dtype).reshape(-1, 1))
+    return arrays
+
+
+@pytest.fixture
+def without_medmnist(monkeypatch):
+    """The optional medmnist package made unimportable: the class counts must not depend on it."""
+    for name in ("medmnist", "medmnist.info", "medmnist.dataset"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+LABEL_CASES = {  # file name, train labels, test labels -> message
+    "stray label in a MedMNIST file": ("breastmnist.npz", [0, 1, 999, 0], [0, 1],
+                                       "train label 999 is out of range: breastmnist has 2 classes"),
+    "test label beyond a MedMNIST flag": ("octmnist.npz", [0, 1, 2, 3], [0, 4], "test label 4 is out of range"),
+    "test label beyond the train classes": ("mine.npz", [0, 1, 0, 1], [0, 2],
+                                            r"test label 2 is not a class of the train split \(its labels are 0..1\)"),
+    "stray label in another file": ("mine.npz", [0, 1, 999, 0], [0, 1], "no image has label 2..998"),
+}
+
+
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+def test_labels_are_checked_against_the_class_count_in_every_split(tmp_path, without_medmnist, case):
+    name, train, test, message = LABEL_CASES[case]
+    path = _write_npz(tmp_path / name, **_labelled(train, test))
+    with pytest.raises(DataError, match=message) as info:
+        load_medmnist(path)
+    assert "\n" not in str(info.value)
+
+
+def test_class_count_of_a_medmnist_flag_needs_no_medmnist_package(tmp_path, without_medmnist):
+    ds = load_medmnist(_write_npz(tmp_path / "octmnist.npz", **_labelled([0, 1, 0, 1], [1, 0])))
+    assert ds.n_classes == 4 and ds.label_names is None  # names are medmnist's; the count is ours
+    assert load_medmnist(_write_npz(tmp_path / "mine.npz", **_labelled([0, 1, 2, 1], [1, 0]))).n_classes == 3
+
+
+def test_chestmnist_is_refused_as_multi_label(tmp_path):
+    arrays = _medmnist_arrays(size=28)
+    arrays = {k: (np.zeros((len(v), 14), np.uint8) if k.endswith("labels") else v) for k, v in arrays.items()}
+    with pytest.raises(DataError, match="chestmnist is a multi-label task .*single-label multi-class data only"):
+        load_medmnist(_write_npz(tmp_path / "chestmnist.npz", **arrays))
+
+
 # --- image folders ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -310,6 +370,44 @@ def test_bad_folder_is_rejected_with_a_one_line_message(tmp_path, case):
     with pytest.raises(DataError, match=message) as info:
         load_image_folder(folder)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["dot-dot", "absolute", "symlink", "symlinked folder"])
+def test_folder_refuses_file_names_that_leave_it(tmp_path, how):
+    Image.fromarray(GRAY).save(tmp_path / "outside.png")  # a readable image, outside the dataset folder
+    folder = _write_folder(tmp_path / "f", "", {"a.png": GRAY})
+    (folder / "sub").mkdir()
+    name = {"dot-dot": "../outside.png", "absolute": str(tmp_path / "outside.png"), "symlink": "link.png",
+            "symlinked folder": "out/outside.png"}[how]
+    if how == "symlink":
+        (folder / "link.png").symlink_to(tmp_path / "outside.png")
+    if how == "symlinked folder":
+        (folder / "out").symlink_to(tmp_path)
+    (folder / "labels.csv").write_text(f"filename,label\na.png,0\n{name},1\n")
+    with pytest.raises(DataError, match=r"labels\.csv:3: .*(not a path inside|symbolic link leading out)") as info:
+        load_image_folder(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_folder_refuses_dot_dot_but_takes_a_link_that_stays_inside(tmp_path):
+    folder = _write_folder(tmp_path / "f", "filename,label\na.png,0\nsub/../b.png,1\n",
+                           {"a.png": GRAY, "b.png": GRAY + 1})
+    with pytest.raises(DataError, match="labels.csv:3: 'sub/../b.png' is not a path inside"):  # '..' is refused
+        load_image_folder(folder)
+    (folder / "alias.png").symlink_to(folder / "b.png")
+    (folder / "labels.csv").write_text("filename,label\na.png,0\nalias.png,1\n")
+    assert load_image_folder(folder)["train"].labels[:, 0].tolist() == [0, 1]
+
+
+def test_folder_labels_are_checked_across_splits(tmp_path):
+    images = {f"{i}.png": GRAY for i in range(4)}
+    folder = _write_folder(tmp_path / "f", "filename,label,split\n0.png,0,train\n1.png,1,train\n2.png,0,test\n"
+                                           "3.png,2,test\n", images)
+    with pytest.raises(DataError, match=r"labels\.csv: test label 2 is not a class of the train split"):
+        load_image_folder(folder)
+    (folder / "labels.csv").write_text("filename,label\n0.png,0\n1.png,1\n2.png,999\n")
+    with pytest.raises(DataError, match="no image has label 2..998"):
+        load_image_folder(folder)
 
 
 def test_folder_missing_pieces(tmp_path):

@@ -25,7 +25,7 @@ from .errors import DataError
 if TYPE_CHECKING:  # torch is only needed for the tensor helpers
     import torch
 
-__all__ = ["SPLITS", "MAX_CLASSES", "Split", "Dataset", "split_from_tensors", "to_uint8_images"]
+__all__ = ["SPLITS", "MAX_CLASSES", "Split", "Dataset", "class_count", "split_from_tensors", "to_uint8_images"]
 
 #: Split names, in MedMNIST's order.
 SPLITS = ("train", "val", "test")
@@ -84,6 +84,53 @@ def check_labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
         if hi >= MAX_CLASSES:
             raise DataError(f"{what}: has label {hi}; class indices must be < {MAX_CLASSES}")
     return labels.reshape(n, 1).astype(np.int64, copy=False)
+
+
+def _ranges(values: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2..4, 7' (at most a few runs, then '...')."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    text = ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs[:4])
+    return text + (", ..." if len(runs) > 4 else "")
+
+
+def class_count(labels: Mapping[str, np.ndarray], where: str, n_classes: int | None = None,
+                known_as: str = "") -> int:
+    """The number of classes of a dataset whose splits hold ``labels`` (split name -> class indices >= 0),
+    checked across splits; raise DataError naming the split and the label otherwise.
+
+    ``n_classes`` known (a MedMNIST flag's, named ``known_as``): every split's labels must lie in
+    [0, n_classes). Unknown: the train split defines the classes (0 .. its largest label; every
+    split's when there is no train split); a label of another split outside them is an error, and
+    every class index below the largest must have an image in some split, so that one stray label
+    (999 among 0/1) cannot silently turn a 2-class problem into a 1000-class one.
+    """
+    tops = {s: int(y.max()) for s, y in labels.items() if y.size}
+    derived = n_classes is None
+    if n_classes is None:
+        reference = ["train"] if "train" in tops else list(tops)
+        n_classes = max(tops[s] for s in reference) + 1
+        defined_by = "the train split" if reference == ["train"] else "the dataset"
+        outside = f"is not a class of {defined_by} (its labels are 0..{n_classes - 1})"
+    else:
+        outside = f"is out of range: {known_as or 'the dataset'} has {n_classes} classes (0..{n_classes - 1})"
+    for split, top in tops.items():
+        if top >= n_classes:
+            raise DataError(f"{where}: {split} label {top} {outside}")
+    present = np.unique(np.concatenate([np.asarray(y).reshape(-1) for y in labels.values()]))
+    if len(present) < 2:
+        raise DataError(f"{where}: every label is {int(present[0]) if len(present) else '-'}; "
+                        "a classification dataset needs at least 2 classes")
+    if derived:
+        missing = sorted(set(range(n_classes)) - set(present.tolist()))
+        if missing:
+            raise DataError(f"{where}: no image has label {_ranges(missing)} although labels go up to {n_classes - 1}; "
+                            "labels must be class indices 0..n-1 (is a label mistyped?)")
+    return n_classes
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous: identity equality

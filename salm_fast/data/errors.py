@@ -15,3 +15,7 @@ class UnwritableOutputError(DataError):
 
     Raised before anything is written, so no partial file is left behind.
     """
+
+
+class OutputInUseError(UnwritableOutputError):
+    """Another run holds the output's lock: two runs writing one output would mix their files."""

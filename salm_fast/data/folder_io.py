@@ -21,15 +21,15 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .atomic import _umask, check_writable_dir, fsync_dir
-from .dataset import SPLITS, Dataset, Split
+from .atomic import check_writable_dir
+from .dataset import SPLITS, Dataset, Split, class_count
 from .errors import DataError, UnwritableOutputError
+from .outdir import make_staging_dir, publish_dir
 
 __all__ = ["LABELS_CSV", "load_image_folder", "save_image_folder"]
 
@@ -98,8 +98,9 @@ def _read_image(path: Path, shown: str) -> np.ndarray:
 def load_image_folder(folder: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> Dataset:
     """Read a folder of images listed in a labels CSV (default ``folder/labels.csv``) into a Dataset.
 
-    File names in the CSV are relative to ``folder``. The dataset is named after the folder;
-    ``n_classes`` is the largest label + 1 (at least 2).
+    File names in the CSV are relative to ``folder`` and must stay inside it (no absolute path,
+    no ``..``, no symbolic link leading out). The dataset is named after the folder; the train
+    split's labels define the classes (see :func:`~salm_fast.data.dataset.class_count`).
     """
     folder = Path(folder)
     if not folder.exists():
@@ -111,6 +112,7 @@ def load_image_folder(folder: str | os.PathLike[str], labels_csv: str | os.PathL
         raise DataError(f"{csv_path}: no labels CSV (expected filename,label[,split] with a header)")
     rows = _read_rows(csv_path)
 
+    root = folder.resolve()
     seen: dict[str, int] = {}
     per_split: dict[str, tuple[list[np.ndarray], list[int]]] = {}
     first: tuple[str, tuple[int, ...]] | None = None
@@ -118,7 +120,7 @@ def load_image_folder(folder: str | os.PathLike[str], labels_csv: str | os.PathL
         if name in seen:
             raise DataError(f"{csv_path}:{line}: {name!r} is listed twice (first on line {seen[name]})")
         seen[name] = line
-        img = _read_image(folder / name, str(folder / name))
+        img = _read_image(_inside(root, folder, name, f"{csv_path}:{line}"), str(folder / name))
         if first is None:
             first = (name, img.shape)
         elif img.shape != first[1]:
@@ -130,11 +132,22 @@ def load_image_folder(folder: str | os.PathLike[str], labels_csv: str | os.PathL
 
     splits = {s: Split(np.stack(per_split[s][0]), np.array(per_split[s][1], dtype=np.int64))
               for s in SPLITS if s in per_split}
-    top = max(max(per_split[s][1]) for s in per_split)
-    if top < 1:
-        raise DataError(f"{csv_path}: every label is 0; a classification dataset needs at least 2 classes")
-    return Dataset(folder.resolve().name, splits, top + 1, source=str(folder),
-                   label_dtype="uint8" if top < 256 else "int64")
+    n_classes = class_count({s: split.labels for s, split in splits.items()}, str(csv_path))
+    return Dataset(root.name, splits, n_classes, source=str(folder),
+                   label_dtype="uint8" if n_classes <= 256 else "int64")
+
+
+def _inside(root: Path, folder: Path, name: str, row: str) -> Path:
+    """``folder / name``, refused (naming the CSV row) if it leads out of the folder: a labels file
+    must not make the reader open files elsewhere on the machine."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DataError(f"{row}: {name!r} is not a path inside {folder}; file names must be relative to the "
+                        "folder, without '..'")
+    path = folder / relative
+    if not path.resolve().is_relative_to(root):
+        raise DataError(f"{row}: {name!r} is a symbolic link leading out of {folder}; refused")
+    return path
 
 
 def _describe(shape: tuple[int, ...]) -> str:
@@ -159,12 +172,8 @@ def save_image_folder(dataset: Dataset, folder: str | os.PathLike[str], *, overw
     non_empty = folder.is_dir() and any(folder.iterdir())
     if non_empty and not overwrite:
         raise UnwritableOutputError(f"{folder}: exists and is not empty (pass overwrite=True to replace it)")
+    tmp = make_staging_dir(folder)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    except OSError as e:
-        raise UnwritableOutputError(f"{folder}: cannot create a folder in {folder.parent}: {e.strerror or e}") from None
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0o700 would otherwise become the release's mode
         rows = []
         for s, split in dataset.splits.items():
             (tmp / s).mkdir()
@@ -179,23 +188,9 @@ def save_image_folder(dataset: Dataset, folder: str | os.PathLike[str], *, overw
             writer.writerows(rows)
             f.flush()
             os.fsync(f.fileno())
-        _swap_into_place(tmp, folder, non_empty)
+        publish_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(folder.parent)
     return folder
 
-
-def _swap_into_place(tmp: Path, folder: Path, non_empty: bool) -> None:
-    if not non_empty:
-        os.replace(tmp, folder)  # POSIX rename replaces a missing or empty directory atomically
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

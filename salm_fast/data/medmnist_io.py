@@ -13,8 +13,10 @@ refused from their ``.npy`` header before any data is read. Our choices where th
   come together. Any other member is refused (it would be silently lost in the release).
 * Labels ``N x 1`` (MedMNIST) or ``N`` are accepted; in memory and on save they are ``N x 1``.
   Multi-label tasks (``N x L``, e.g. ChestMNIST) are refused: multi-class only.
-* ``n_classes`` is the MedMNIST count for a known flag (``medmnist.INFO``, if the package is
-  importable), else the largest label + 1.
+* ``n_classes`` is the MedMNIST count for a known flag (:data:`MEDMNIST_2D_CLASSES`, which needs
+  no ``medmnist`` package), else the train split's largest label + 1; labels are checked against it
+  in every split (:func:`~salm_fast.data.dataset.class_count`). ChestMNIST (multi-label) is refused.
+  Class names come from ``medmnist.INFO`` when that package is importable.
 """
 from __future__ import annotations
 
@@ -29,15 +31,21 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, check_writable
-from .dataset import SPLITS, Dataset, Split, check_images, check_labels
+from .dataset import SPLITS, Dataset, Split, check_images, check_labels, class_count
 from .errors import DataError
 
-__all__ = ["MEDMNIST_2D_FLAGS", "MEDMNIST_SIZES", "load_medmnist", "save_medmnist",
-           "medmnist_filename", "parse_medmnist_filename"]
+__all__ = ["MEDMNIST_2D_CLASSES", "MEDMNIST_2D_FLAGS", "MEDMNIST_MULTI_LABEL", "MEDMNIST_SIZES", "load_medmnist",
+           "save_medmnist", "medmnist_filename", "parse_medmnist_filename"]
 
-#: The 2-D MedMNIST v2 flags (3-D ones are volumes, not supported here).
-MEDMNIST_2D_FLAGS = ("pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
-                     "breastmnist", "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist")
+#: Classes of each 2-D MedMNIST v2 flag (``len(medmnist.INFO[flag]["label"])``; a test compares the
+#: two when ``medmnist`` is importable). 3-D flags are volumes, not supported here.
+MEDMNIST_2D_CLASSES = {
+    "pathmnist": 9, "chestmnist": 14, "dermamnist": 7, "octmnist": 4, "pneumoniamnist": 2, "retinamnist": 5,
+    "breastmnist": 2, "bloodmnist": 8, "tissuemnist": 8, "organamnist": 11, "organcmnist": 11, "organsmnist": 11,
+}
+MEDMNIST_2D_FLAGS = tuple(MEDMNIST_2D_CLASSES)
+#: Flags whose task is multi-label (14 binary findings per ChestMNIST image): not supported.
+MEDMNIST_MULTI_LABEL = frozenset({"chestmnist"})
 #: Size flags of MedMNIST+ 2-D data; 28 has no suffix in file names.
 MEDMNIST_SIZES = (28, 64, 128, 224)
 
@@ -90,7 +98,8 @@ def _describe(image_shape: tuple[int, ...]) -> str:
 
 
 def _medmnist_info(flag: str) -> dict | None:
-    """``medmnist.INFO[flag]`` if medmnist is importable and knows the flag, else None."""
+    """``medmnist.INFO[flag]`` if medmnist is importable and knows the flag, else None (class names only:
+    the class counts are in :data:`MEDMNIST_2D_CLASSES`)."""
     if flag not in MEDMNIST_2D_FLAGS:
         return None
     try:
@@ -142,6 +151,10 @@ def load_medmnist(path: str | os.PathLike[str]) -> Dataset:
 
 
 def _load_open_npz(fid, path: Path) -> Dataset:
+    flag = parse_medmnist_filename(path)[0]
+    if flag in MEDMNIST_MULTI_LABEL:
+        raise DataError(f"{path}: {flag} is a multi-label task ({MEDMNIST_2D_CLASSES[flag]} binary findings per "
+                        "image); salm-fast supports single-label multi-class data only")
     try:
         npz = np.load(fid, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
@@ -191,21 +204,18 @@ def _load_open_npz(fid, path: Path) -> Dataset:
 
     h, w = first[1][:2]
     _check_name_size(path, (h, w))
-    flag = parse_medmnist_filename(path)[0]
-    top = max(int(sp.labels.max()) for sp in splits.values())
+    n_classes = class_count({s: sp.labels for s, sp in splits.items()}, str(path), MEDMNIST_2D_CLASSES.get(flag),
+                            known_as=flag if flag in MEDMNIST_2D_CLASSES else "")
+    return Dataset(flag, splits, n_classes, source=str(path), label_names=_class_names(flag, n_classes),
+                   label_dtype=label_dtype.name)
+
+
+def _class_names(flag: str, n_classes: int) -> tuple[str, ...] | None:
     info = _medmnist_info(flag)
-    label_names = None
-    if info is not None and info.get("task") != "multi-label, binary-class":
-        names = info["label"]
-        label_names = tuple(names[str(i)] for i in range(len(names)))
-        if top >= len(label_names):
-            raise DataError(f"{path}: label {top} is out of range: {flag} has {len(label_names)} classes")
-        n_classes = len(label_names)
-    else:
-        n_classes = top + 1
-    if n_classes < 2:
-        raise DataError(f"{path}: every label is {top}; a classification dataset needs at least 2 classes")
-    return Dataset(flag, splits, n_classes, source=str(path), label_names=label_names, label_dtype=label_dtype.name)
+    names = (info or {}).get("label") or {}
+    if len(names) != n_classes:
+        return None
+    return tuple(names[str(i)] for i in range(n_classes))
 
 
 def save_medmnist(dataset: Dataset, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
