@@ -62,7 +62,8 @@ class MethodSpec:
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
-        from .methods import METHODS
+        """Option names are checked against the method's here, before any work; values when it is built."""
+        from .methods import METHODS, check_options
 
         name, _, rest = text.strip().partition(":")
         if name != CLEAN and name not in METHODS:
@@ -73,8 +74,13 @@ class MethodSpec:
             if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*", key):
                 raise ValueError(f"bad option {item!r} in method spec {text!r} (expected key=value)")
             opts.append((key, _value(val)))
-        if name == CLEAN and opts:
-            raise ValueError("the clean baseline takes no options")
+        if name == CLEAN:
+            if opts:
+                raise ValueError("the clean baseline takes no options")
+        else:
+            check_options(name, (key for key, _ in opts))
+            if "seed" in dict(opts):  # the grid's seeds axis sets it
+                raise ValueError(f"seed is not a method option in {text!r}; give the grid's seeds instead")
         return cls(name, tuple(sorted(opts)))
 
     def __str__(self) -> str:

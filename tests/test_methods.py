@@ -189,7 +189,9 @@ def test_salm_mask_is_the_top_k_of_the_surrogate_saliency(gray, monkeypatch, win
     m = SALM(EPS, k=25, classes=[0], seed=0, noise="pgd", pgd_steps=1, mask_epochs=1, loop=tiny_loop(),
              saliency_window=window)
     p = m.fit(x, y, 2)
-    sal = S.input_gradients(seen["model"], x, y).abs().sum(1, keepdim=True)  # p = 1: sum_c |dL/dx|
+    xg = x.clone().requires_grad_(True)  # summed loss: each image's gradient is its own
+    (g,) = torch.autograd.grad(F.cross_entropy(S.logits(seen["model"].eval(), xg), y, reduction="sum"), xg)
+    sal = g.abs().sum(1, keepdim=True)  # p = 1: sum_c |dL/dx|
     # ranked by the local saliency: the mean over the window (edges: over the pixels inside)
     sal = F.avg_pool2d(sal, window, stride=1, padding=window // 2, count_include_pad=False)[:, 0]
     assert seen["p"] == 1 and seen["window"] == window
@@ -230,7 +232,25 @@ def test_trained_generator_protects_new_images_within_budget(gray):
     ("salm", {"eps": float("nan")}, "eps"),
     ("salm", {"k": 0}, "k"),
     ("salm", {"k": 1.5}, "k"),
-    ("salm", {"k": None}, "k"),
+    ("salm", {"k": "a"}, "k"),
+    ("salm", {"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+    ("salm", {"seed": -1}, "seed"),
+    ("random", {"seed": True}, "seed"),
+    ("random", {"seed": "3"}, "seed"),
+    ("salm", {"rounds": 1.5}, "rounds must be an integer >= 1, got 1.5"),
+    ("samplewise", {"rounds": 0}, "rounds"),
+    ("samplewise", {"steps": 0}, "steps"),
+    ("classwise", {"step_size": 0.0}, "step_size"),
+    ("generator", {"width": 8.0}, "width"),
+    ("generator", {"generator_lr": float("inf")}, "generator_lr"),
+    ("salm", {"mask_epochs": 1.5}, "mask_epochs"),
+    ("salm", {"saliency_p": 1.0}, "saliency_p"),
+    ("salm", {"code": "no"}, "code"),
+    ("salm", {"classes": ["a"]}, "classes"),
+    ("salm", {"eps": "2"}, "ambiguous"),
+    ("salm", {"bogus": 1}, "unknown option 'bogus' for method salm; valid: .*mask_refresh"),
+    ("salm", {"surrogate": "vgg99"}, "surrogate"),
+    ("salm", {"loop": {"max_rounds": 1}}, "loop must be a BiLevelConfig"),
     ("salm", {"noise": "fgsm"}, "noise"),
     ("salm", {"poison_ratio": 0.0}, "poison_ratio"),
     ("salm", {"poison_ratio": 1.5}, "poison_ratio"),
@@ -246,6 +266,38 @@ def test_trained_generator_protects_new_images_within_budget(gray):
 def test_make_method_refuses_bad_options(name, options, match):
     with pytest.raises(ValueError, match=match):
         make_method(name, **options)
+
+
+def test_defaults_come_from_the_method_class():
+    assert make_method("salm").k == make_method("salm", k=None).k == SALM.default_k == 0.2
+    assert make_method("ops").k == METHODS["ops"].default_k == 1
+    assert make_method("salm").eps == make_method("salm", eps="8/255").eps == METHODS["salm"].default_eps == EPS
+    assert make_method("random").k is None  # not masked: no k unless given
+    assert all(METHODS[n].default_k is not None for n in METHODS if METHODS[n].masked)
+
+
+def test_option_names_are_the_constructors_keywords():
+    names = SALM.option_names()
+    assert {"eps", "k", "seed", "mask_refresh", "generator_steps", "loop", "rounds", "surrogate"} <= set(names)
+    assert "kw" not in names and "self" not in names
+    assert set(METHODS["random"].option_names()) == {"eps", "seed", "k"}
+
+
+def test_a_method_copies_the_loop_it_is_given():
+    cfg = tiny_loop(5)
+    m = make_method("samplewise", seed=3, rounds=2, loop=cfg)
+    assert (cfg.max_rounds, cfg.seed) == (5, 0)  # the caller's config is left alone
+    assert (m.loop.max_rounds, m.loop.seed) == (2, 3)
+
+
+def test_method_specs_check_option_names_when_parsed():
+    from salm_fast.experiment import MethodSpec
+
+    assert MethodSpec.parse("salm:k=0.05,noise=pgd").options == (("k", 0.05), ("noise", "pgd"))
+    with pytest.raises(ValueError, match="unknown option 'kk' for method salm"):
+        MethodSpec.parse("salm:kk=0.05")
+    with pytest.raises(ValueError, match="seed"):
+        MethodSpec.parse("samplewise:seed=3")
 
 
 def test_fit_refuses_bad_data(gray):

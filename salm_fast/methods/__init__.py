@@ -4,8 +4,7 @@
 """
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Any, Iterable
 
 from .base import BiLevelMethod, Method, Protection
 from .classwise import ClassWiseEM
@@ -23,16 +22,21 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def make_method(name: str, **options: Any) -> Method:
-    """A method by name with its options (eps, k, seed, and method-specific ones)."""
+def check_options(name: str, options: Iterable[str]) -> type[Method]:
+    """The class of method ``name``; ValueError on an unknown method or an option it does not take."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     cls = METHODS[name]
-    try:
-        return cls(**options)
-    except TypeError as exc:  # an option this method does not take
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
-        raise ValueError(f"{name}: unknown option {unknown.group(1)!r}" if unknown else f"{name}: {exc}") from None
+    valid = cls.option_names()
+    for key in options:
+        if key not in valid:
+            raise ValueError(f"unknown option {key!r} for method {name}; valid: {', '.join(sorted(valid))}")
+    return cls
 
 
-__all__ = ["METHODS", "BiLevelMethod", "Method", "Protection", "make_method", *(c.__name__ for c in METHODS.values())]
+def make_method(name: str, **options: Any) -> Method:
+    """A method by name with its options (eps, k, seed, and method-specific ones)."""
+    return check_options(name, options)(**options)
+
+
+__all__ = ["METHODS", "BiLevelMethod", "Method", "Protection", "check_options", "make_method", *(c.__name__ for c in METHODS.values())]

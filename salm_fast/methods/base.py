@@ -1,9 +1,14 @@
 """The common base of every protection method.
 
 A method turns clean training images into a budget-bounded perturbation. The base
-handles what all share: argument checks, seeding, the surrogate and its clean
-pre-training, the bi-level loop with its log and checkpoint, and the final budget
-check. A subclass writes only what makes it different (its mask and its noise).
+handles what all share: argument checks (the budget's, and :func:`check_int` /
+:func:`check_number` / :func:`check_choice` for a method's own options), seeding, the
+surrogate and its clean pre-training, the bi-level loop with its log and checkpoint, and
+the final budget check. A subclass writes only what makes it different (its mask and its noise).
+
+Defaults are said once, on the class: ``default_eps`` and ``default_k`` (``eps=None`` /
+``k=None`` mean the method's default); the options a method takes are its constructors'
+keyword parameters (:meth:`Method.option_names`).
 
 Shapes: ``x`` N x C x H x W float in [0, 1] (exactly the stored uint8 / 255),
 ``y`` N int64 class indices. Budget: L-inf ``eps`` in [0, 1] units; masked methods
@@ -11,13 +16,16 @@ also bound L0 by ``k`` pixels per image.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -26,7 +34,31 @@ from .. import ops
 from .. import surrogate as S
 from ..bilevel import BiLevelConfig, BiLevelTrainer
 from ..noise import Noise
+from ..release import parse_eps
 from ..runtime import flush_denormal
+
+
+def check_int(owner: str, name: str, value: object, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; a bool, a float (even 2.0) or a string is refused."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(owner: str, name: str, value: object, high: float = math.inf) -> float:
+    """``value`` as a float in (0, ``high``]."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0 < value <= high and math.isfinite(value)):
+        bound = "> 0" if high == math.inf else f"in (0, {high:g}]"
+        raise ValueError(f"{owner}: {name} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_choice(owner: str, name: str, value: object, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices`` and of their type (1.0 or True is not the choice 1)."""
+    kind = type(choices[0])
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool) or value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -60,21 +92,38 @@ class Method(ABC):
     #: The L-inf budget when none is given (``eps=None``; ``protect``'s default); e.g. 1.0 for
     #: the one-pixel shortcut, whose pixel may take any value.
     default_eps: ClassVar[float] = 8 / 255
-    #: Masked methods: ``k`` when none is given (``protect``'s default; SALM's 0.1 of H*W).
-    default_k: ClassVar[int | float] = 0.1
+    #: Masked methods: ``k`` (pixels per image, or a fraction of H*W) when none is given (``k=None``).
+    default_k: ClassVar[int | float | None] = None
 
-    def __init__(self, eps: float | None = None, *, seed: int = 0, k: int | float | None = None):
-        if eps is None:
-            eps = self.default_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps <= 1:
-            raise ValueError(f"{self.name}: eps must be in (0, 1] (e.g. 8/255), got {eps!r}")
+    def __init__(self, eps: float | str | None = None, *, seed: int = 0, k: int | float | None = None):
+        try:
+            self.eps = parse_eps(self.default_eps if eps is None else eps)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
+        self.seed = check_int(self.name, "seed", seed, 0)
         if self.masked:
-            if k is None:
-                raise ValueError(f"{self.name}: k (pixels per image, int, or fraction in (0, 1]) is required")
-            ops.resolve_k(k, 1 << 30)  # type and range of k, before any work
+            k = self.default_k if k is None else k
+            try:
+                ops.resolve_k(k, 1 << 30)  # type and range of k, before any work
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{self.name}: {str(exc).removeprefix('resolve_k: ')}") from None
         elif k is not None:
             raise ValueError(f"{self.name}: k applies to masked methods only (this one perturbs every pixel)")
-        self.eps, self.seed, self.k = float(eps), int(seed), k
+        self.k = k
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Every keyword this method's constructor takes: its own, then (through ``**kw``) its bases'."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass):
+                continue
+            params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]  # past self
+            names += [p.name for p in params
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return tuple(names)
 
     # ------------------------------------------------------------ subclass API
     @abstractmethod
@@ -151,21 +200,20 @@ class BiLevelMethod(Method):
 
     surrogate_arch: str = S.DEFAULT_SURROGATE
 
-    def __init__(self, eps: float = 8 / 255, *, seed: int = 0, k: int | float | None = None,
+    def __init__(self, eps: float | str | None = None, *, seed: int = 0, k: int | float | None = None,
                  loop: BiLevelConfig | None = None, rounds: int | None = None,
                  surrogate: str = S.DEFAULT_SURROGATE):
         super().__init__(eps, seed=seed, k=k)
-        if surrogate not in S.SURROGATES:
-            raise ValueError(f"{self.name}: unknown surrogate {surrogate!r}; choose one of {', '.join(S.SURROGATES)}")
-        self.loop = loop or self.default_loop()
+        self.surrogate_arch = check_choice(self.name, "surrogate", surrogate, S.SURROGATES)
+        if loop is not None and not isinstance(loop, BiLevelConfig):
+            raise ValueError(f"{self.name}: loop must be a BiLevelConfig, got {type(loop).__name__}")
+        # A copy: the caller's config is theirs (one config may serve several methods).
+        self.loop = dataclasses.replace(loop) if loop is not None else self.default_loop()
         self.loop.seed = self.seed
-        self.loop.validate()
         if rounds is not None:  # a cap on rounds, e.g. for a quick run
-            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-                raise ValueError(f"{self.name}: rounds must be an integer >= 1, got {rounds!r}")
-            self.loop.max_rounds = rounds
+            self.loop.max_rounds = check_int(self.name, "rounds", rounds, 1)
             self.loop.min_rounds = min(self.loop.min_rounds, rounds)
-        self.surrogate_arch = surrogate
+        self.loop.validate()
 
     @classmethod
     def default_loop(cls) -> BiLevelConfig:

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from ..bilevel import BiLevelConfig
 from ..noise import ClassWiseNoise
-from .base import BiLevelMethod
+from .base import BiLevelMethod, check_int, check_number
 
 
 class ClassWiseEM(BiLevelMethod):
     name = "classwise"
     paper = "Huang et al., ICLR 2021 (class-wise error-minimizing noise)"
 
-    def __init__(self, eps: float = 8 / 255, *, steps: int = 10, step_size: float = 0.8 / 255, **kw):
+    def __init__(self, eps: float | str | None = None, *, steps: int = 10, step_size: float = 0.8 / 255,
+                 **kw):
         super().__init__(eps, **kw)
-        self.steps, self.step_size = steps, step_size
+        self.steps = check_int(self.name, "steps", steps, 1)
+        self.step_size = check_number(self.name, "step_size", step_size, 1.0)
 
     @classmethod
     def default_loop(cls) -> BiLevelConfig:

@@ -16,7 +16,7 @@ from .. import ops
 from ..bilevel import BiLevelConfig
 from ..generator import NoiseGenerator
 from ..noise import GeneratorNoise
-from .base import BiLevelMethod
+from .base import BiLevelMethod, check_int, check_number
 
 
 class GeneratorEM(BiLevelMethod):
@@ -24,10 +24,12 @@ class GeneratorEM(BiLevelMethod):
     paper = "generator-based error-minimizing noise (bi-level min-min, amortized)"
     code = False  # SALM overrides: class-wise texture code
 
-    def __init__(self, eps: float = 8 / 255, *, generator_steps: int = 20, generator_lr: float = 1e-3,
+    def __init__(self, eps: float | str | None = None, *, generator_steps: int = 20, generator_lr: float = 1e-3,
                  width: int = 32, **kw):
         super().__init__(eps, **kw)
-        self.generator_steps, self.generator_lr, self.width = generator_steps, generator_lr, width
+        self.generator_steps = check_int(self.name, "generator_steps", generator_steps, 1)
+        self.generator_lr = check_number(self.name, "generator_lr", generator_lr)
+        self.width = check_int(self.name, "width", width, 1)
         self.net: NoiseGenerator | None = None
 
     @classmethod

@@ -42,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import math
-from numbers import Integral
 from typing import Any
 
 import torch
@@ -50,7 +49,7 @@ from torch import Tensor
 
 from .. import ops
 from ..release import LEVELS, budget_levels
-from .base import Method, Protection
+from .base import Method, Protection, check_int, check_number
 
 #: The L-inf magnitude whose full-image L2 norm is the default L2 budget (eps * sqrt(C*H*W)).
 L2_REFERENCE_EPS = 8 / 255
@@ -69,8 +68,8 @@ class LinearSeparablePerturbation(Method):
                  l2: float | None = None, patch: int | None = None):
         if norm not in MODES:
             raise ValueError(f"lsp: norm must be 'l2' (the paper's L2 budget) or 'linf' (our L-inf eps), got {norm!r}")
-        if eps is None:
-            eps = 1.0 if norm == "l2" else 8 / 255
+        if eps is None:  # the L2 mode has no L-inf budget (1.0); the L-inf mode, the usual one
+            eps = self.default_eps if norm == "l2" else Method.default_eps
         super().__init__(eps, seed=seed, k=k)
         if norm == "l2" and self.eps != 1.0:
             raise ValueError(f"lsp: norm='l2' is bounded in L2 (option l2), not in L-inf: leave eps unset (1.0), "
@@ -78,14 +77,10 @@ class LinearSeparablePerturbation(Method):
         if l2 is not None:
             if norm != "l2":
                 raise ValueError("lsp: l2 applies to norm='l2' only (norm='linf' is bounded by eps)")
-            if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2) or l2 <= 0:
-                raise ValueError(f"lsp: l2 must be a positive number (an L2 norm in [0, 1] units), got {l2!r}")
-        if patch is not None and (not isinstance(patch, Integral) or isinstance(patch, bool) or patch < 1):
-            raise ValueError(f"lsp: patch must be an integer >= 1 (pixels), got {patch!r}")
         self.mode = norm
         self.norm = "L2" if norm == "l2" else "Linf"
-        self.l2 = None if l2 is None else float(l2)
-        self.patch = None if patch is None else int(patch)
+        self.l2 = None if l2 is None else check_number("lsp", "l2 (an L2 norm in [0, 1] units)", l2)
+        self.patch = None if patch is None else check_int("lsp", "patch (pixels)", patch, 1)
         self.l2_bound: float | None = None  # resolved at fit (depends on C*H*W)
 
     def options(self) -> dict[str, Any]:

@@ -64,7 +64,7 @@ class OnePixelShortcut(Method):
     def __init__(self, eps: float | None = None, *, seed: int = 0, k: int | float | None = None):
         if k is not None and not (isinstance(k, Integral) and not isinstance(k, bool) and k == 1):
             raise ValueError(f"ops: k is fixed at 1 pixel per image (the one-pixel shortcut); got k={k!r}")
-        super().__init__(eps, seed=seed, k=1)
+        super().__init__(eps, seed=seed, k=self.default_k)
         if self.eps != 1.0:
             raise ValueError(f"ops: eps is fixed at 1.0 (the pixel takes an extreme colour: the full range); "
                              f"got eps={self.eps!r}. Leave eps unset (protect/--eps default) or pass 1.0")

@@ -15,7 +15,7 @@ class RandomNoise(Method):
     name = "random"
     paper = "sanity baseline (uniform noise at the same L-inf budget)"
 
-    def __init__(self, eps: float = 8 / 255, *, seed: int = 0, k: int | float | None = None):
+    def __init__(self, eps: float | str | None = None, *, seed: int = 0, k: int | float | None = None):
         # k is optional here: with k, the noise lands on k random pixels per image (the
         # random-mask control for SALM); without, on every pixel.
         self.masked = k is not None

@@ -27,6 +27,7 @@ poison ratio (the fraction of images perturbed).
 """
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Sequence
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor
 from .. import surrogate as S
 from ..bilevel import BiLevelTrainer
 from ..noise import SampleWiseNoise
-from .base import FitContext
+from .base import FitContext, check_choice, check_int, check_number
 from .generator_em import GeneratorEM
 
 
@@ -49,32 +50,27 @@ class SALM(GeneratorEM):
     # K = 20% took it to 0.58 (bench/report/report.md).
     default_k = 0.2
 
-    def __init__(self, eps: float = 8 / 255, *, k: int | float = 0.2, noise: str = "generator", code: bool = True,
-                 saliency_p: int = 1, saliency_window: int = 5, mask_epochs: int = 5, mask_refresh: int = 0,
-                 classes: Sequence[int] | None = None, poison_ratio: float = 1.0, pgd_steps: int = 10,
-                 pgd_step_size: float = 2 / 255, **kw):
+    def __init__(self, eps: float | str | None = None, *, k: int | float | None = None, noise: str = "generator",
+                 code: bool = True, saliency_p: int = 1, saliency_window: int = 5, mask_epochs: int = 5,
+                 mask_refresh: int = 0, classes: Sequence[int] | None = None, poison_ratio: float = 1.0,
+                 pgd_steps: int = 10, pgd_step_size: float = 2 / 255, **kw):
         super().__init__(eps, k=k, **kw)
-        if noise not in ("generator", "pgd"):
-            raise ValueError(f"salm: noise must be 'generator' or 'pgd', got {noise!r}")
-        if saliency_p not in (1, 2):
-            raise ValueError(f"salm: saliency_p must be 1 or 2, got {saliency_p!r}")
-        if not 0 < poison_ratio <= 1:
-            raise ValueError(f"salm: poison_ratio must be in (0, 1], got {poison_ratio}")
-        if mask_epochs < 1 or mask_refresh < 0:
-            raise ValueError("salm: mask_epochs must be >= 1 and mask_refresh >= 0")
-        if isinstance(saliency_window, bool) or not isinstance(saliency_window, int) or saliency_window < 1 \
-                or saliency_window % 2 == 0:
+        self.noise_kind = check_choice("salm", "noise", noise, ("generator", "pgd"))
+        self.code = check_choice("salm", "code", code, (True, False))
+        self.saliency_p = check_choice("salm", "saliency_p", saliency_p, (1, 2))
+        self.saliency_window = check_int("salm", "saliency_window", saliency_window, 1)
+        if saliency_window % 2 == 0:
             raise ValueError(f"salm: saliency_window must be an odd integer >= 1, got {saliency_window!r}")
-        self.noise_kind, self.code, self.saliency_p = noise, bool(code), saliency_p
-        self.saliency_window = saliency_window
-        self.mask_epochs, self.mask_refresh = mask_epochs, mask_refresh
-        if isinstance(classes, int) and not isinstance(classes, bool):  # one class, e.g. "salm:classes=0"
+        self.mask_epochs = check_int("salm", "mask_epochs", mask_epochs, 1)
+        self.mask_refresh = check_int("salm", "mask_refresh", mask_refresh, 0)
+        if isinstance(classes, Integral) and not isinstance(classes, bool):  # one class, e.g. "salm:classes=0"
             classes = [classes]
-        self.classes = None if classes is None else sorted({int(c) for c in classes})
+        self.classes = None if classes is None else sorted({check_int("salm", "classes", c, 0) for c in classes})
         if self.classes == []:  # would release the clean images as "protected"
             raise ValueError("salm: classes is empty; name at least one class (or None for all)")
-        self.poison_ratio = float(poison_ratio)
-        self.pgd_steps, self.pgd_step_size = pgd_steps, pgd_step_size
+        self.poison_ratio = check_number("salm", "poison_ratio", poison_ratio, 1.0)
+        self.pgd_steps = check_int("salm", "pgd_steps", pgd_steps, 1)
+        self.pgd_step_size = check_number("salm", "pgd_step_size", pgd_step_size, 1.0)
 
     def options(self):
         return {**super().options(), "noise": self.noise_kind, "saliency_p": self.saliency_p,

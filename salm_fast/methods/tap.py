@@ -29,8 +29,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
-from numbers import Integral
 from typing import Any, ClassVar
 
 import torch
@@ -39,11 +37,7 @@ from torch import Tensor
 
 from .. import ops
 from .. import surrogate as S
-from .base import Method, Protection
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
+from .base import Method, Protection, check_choice, check_int, check_number
 
 
 class TAP(Method):
@@ -58,21 +52,11 @@ class TAP(Method):
                  targeted: bool = True, steps: int = 40, step_size: float | None = None, surrogate_epochs: int = 10,
                  surrogate: str = S.DEFAULT_SURROGATE):
         super().__init__(eps, seed=seed, k=k)
-        if not isinstance(targeted, bool):
-            raise ValueError(f"tap: targeted must be True or False, got {targeted!r}")
-        if not _is_int(steps) or steps < 1:
-            raise ValueError(f"tap: steps must be an integer >= 1, got {steps!r}")
-        if not _is_int(surrogate_epochs) or surrogate_epochs < 1:
-            raise ValueError(f"tap: surrogate_epochs must be an integer >= 1, got {surrogate_epochs!r}")
-        if step_size is None:
-            step_size = self.eps / 8
-        if (isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size)
-                or not 0 < step_size <= 1):
-            raise ValueError(f"tap: step_size must be in (0, 1] (e.g. 1/255), got {step_size!r}")
-        if surrogate not in S.SURROGATES:
-            raise ValueError(f"tap: unknown surrogate {surrogate!r}; choose one of {', '.join(S.SURROGATES)}")
-        self.targeted, self.steps, self.step_size = targeted, int(steps), float(step_size)
-        self.surrogate_epochs, self.surrogate_arch = int(surrogate_epochs), surrogate
+        self.targeted = check_choice("tap", "targeted", targeted, (True, False))
+        self.steps = check_int("tap", "steps", steps, 1)
+        self.step_size = check_number("tap", "step_size", self.eps / 8 if step_size is None else step_size, 1.0)
+        self.surrogate_epochs = check_int("tap", "surrogate_epochs", surrogate_epochs, 1)
+        self.surrogate_arch = check_choice("tap", "surrogate", surrogate, S.SURROGATES)
         self.surrogate: torch.nn.Module | None = None  # the frozen crafting model, after fit
 
     def options(self) -> dict[str, Any]:
