@@ -61,17 +61,6 @@ def train_clean(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_si
     return correct / max(1, len(x))
 
 
-def input_gradients(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> Tensor:
-    """d CE / d x per image (summed loss, so each image's gradient is its own)."""
-    model.eval()
-    grads = torch.empty_like(x)
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size].clone().requires_grad_(True)
-        loss = F.cross_entropy(logits(model, xb), y[start:start + batch_size], reduction="sum")
-        (grads[start:start + batch_size],) = torch.autograd.grad(loss, xb)
-    return grads
-
-
 def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: int = 1, window: int = 1,
                   batch_size: int = 512, backend: str | None = None) -> Tensor:
     """Per-image top-K mask (N x 1 x H x W) of the surrogate's input-gradient saliency.
@@ -98,11 +87,3 @@ def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: 
             ops.topk_mask(s[:, 0], k, out=mask[sl], backend=backend)
     return mask
 
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        correct += int((logits(model, x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum())
-    return correct / max(1, len(x))
