@@ -4,6 +4,9 @@ Classification (clean test set), as MedMNIST's own evaluator defines them:
 - ``acc``: top-1 accuracy of the argmax;
 - ``auc``: ROC-AUC of the softmax probabilities; binary: of the positive class (class 1);
   multi-class: macro one-vs-rest (each class's probability against the rest, averaged);
+- ``auc_flipped`` (binary tasks, added by the victim trainer to its test metrics):
+  :func:`protection_auc`, max(AUC, 1 - AUC): the protection figure (DESIGN.md), since an attacker
+  with a few clean labeled images flips an inverted ranking;
 - ``balanced_acc``: mean per-class recall over the classes present in the labels
   (sklearn's ``balanced_accuracy_score``).
 AUC comes from ``torchmetrics.functional`` (CPU, no torchvision needed). Balanced accuracy is
@@ -56,6 +59,20 @@ def auc_score(probs: Tensor, labels: Tensor | np.ndarray) -> float:
         return float(multiclass_auroc(probs, y, num_classes=k, average="macro"))
     per_class = [float(binary_auroc(probs[:, c], (y == c).long())) for c in range(k) if bool(valid[c])]
     return float(np.mean(per_class)) if per_class else math.nan
+
+
+def protection_auc(auc: float, num_classes: int = 2) -> float:
+    """The AUC an attacker gets: for a binary task max(AUC, 1 - AUC), since a victim whose ranking
+    came out inverted is flipped by anyone holding a few clean labeled images; a multi-class
+    (macro one-vs-rest) AUC is returned unchanged. NaN stays NaN."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    auc = float(auc)
+    if math.isnan(auc) or num_classes != 2:
+        return auc
+    if not 0.0 <= auc <= 1.0:
+        raise ValueError(f"auc must be in [0, 1], got {auc}")
+    return max(auc, 1.0 - auc)
 
 
 def balanced_accuracy(preds: Tensor, labels: Tensor | np.ndarray, num_classes: int) -> float:
@@ -142,4 +159,5 @@ def perturbation_metrics(clean: Tensor | np.ndarray, released: Tensor | np.ndarr
     }
 
 
-__all__ = ["auc_score", "balanced_accuracy", "classification_metrics", "perturbation_metrics", "ssim"]
+__all__ = ["auc_score", "balanced_accuracy", "classification_metrics", "perturbation_metrics", "protection_auc",
+           "ssim"]
