@@ -1,7 +1,9 @@
-"""The victim side: training loop, counter-measures, metrics, precision choice."""
+"""The victim side: settings, training loop, counter-measures, metrics, precision choice, the attacker's moves."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from skimage.metrics import structural_similarity
 
 from salm_fast.models import build_model
 from salm_fast.victims import (
+    VictimConfig,
     auc_score,
     balanced_accuracy,
     choose_precision,
@@ -19,6 +22,7 @@ from salm_fast.victims import (
     make_defense,
     parse_defenses,
     perturbation_metrics,
+    protection_auc,
     ssim,
     train_victim,
 )
@@ -345,3 +349,158 @@ def test_default_batch_shrinks_on_small_training_sets():
         assert r.settings["batch_size"] == want < VICTIM_DEFAULTS["cnn"].batch_size
     r = train_victim("cnn", x, y, x[:8], y[:8], epochs=1, batch_size=64, precision="fp32", eval_train=False)
     assert r.settings["batch_size"] == 64  # an explicit batch is kept
+
+
+# --------------------------------------------------------------------------------------------
+# Settings (VictimConfig) and keyword overrides
+
+@pytest.mark.parametrize("name,value", [
+    ("epochs", 1.5), ("epochs", 0), ("epochs", True), ("epochs", "3"), ("seed", 1.5), ("seed", -1),
+    ("seed", False), ("batch_size", 1), ("batch_size", True), ("eval_every", -1), ("num_classes", 1),
+    ("threads", 0), ("lr", 0), ("lr", float("nan")), ("lr", True), ("weight_decay", -1e-4),
+    ("label_smoothing", 1.0), ("label_smoothing", -0.1), ("warmup_frac", 1.5), ("optimizer", "rmsprop"),
+    ("precision", "fp16"), ("select", "best"), ("augment", "cutout"), ("channels_last", 1),
+    ("eval_train", "yes"), ("defense", "median"), ("defense", 5), ("device", "tpu"), ("device", "cuda:99"),
+])
+def test_victim_config_refuses_a_bad_setting_in_one_line_naming_it(name, value):
+    with pytest.raises(ValueError) as e:
+        VictimConfig(**{name: value})
+    message = str(e.value)
+    assert "\n" not in message and name in message
+    with pytest.raises(ValueError):  # the same check guards dataclasses.replace
+        replace(VictimConfig(), **{name: value})
+
+
+def test_victim_config_keeps_valid_settings_as_plain_python_types():
+    cfg = VictimConfig(epochs=np.int64(3), lr=1, seed=np.int32(7), weight_decay=0, defense=["jpeg-50", "cutout"],
+                       device=None)
+    assert cfg.epochs == 3 and type(cfg.epochs) is int and type(cfg.seed) is int
+    assert cfg.lr == 1.0 and type(cfg.lr) is float and type(cfg.weight_decay) is float
+    assert cfg.defense_plan().name == "jpeg-50+cutout"
+    assert [b.name for b in replace(cfg, augment="crop_flip").defense_plan().batch] == ["crop_flip", "cutout"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 4
+
+
+def test_config_and_keyword_overrides_give_the_same_run():
+    x, y = squares(48, seed=0)
+    xt, yt = squares(16, seed=1)
+    cfg = VictimConfig(epochs=2, batch_size=16, precision="fp32", eval_train=False, seed=5, lr=2e-3)
+    by_config = train_victim("cnn", x, y, xt, yt, config=cfg)
+    by_keywords = train_victim("cnn", x, y, xt, yt, epochs=2, batch_size=16, precision="fp32", eval_train=False,
+                               seed=5, lr=2e-3)
+    mixed = train_victim("cnn", x, y, xt, yt, config=replace(cfg, seed=0, lr=1e-3), seed=5, lr=2e-3)
+
+    def strip(r):
+        return [{k: v for k, v in row.items() if k != "epoch_s"} for row in r.history]
+
+    assert strip(by_config) == strip(by_keywords) == strip(mixed)
+    assert by_config.test == by_keywords.test == mixed.test
+    assert cfg.seed == 5 and mixed.settings["seed"] == 5 and mixed.settings["lr"] == 2e-3
+
+
+def test_overrides_refuse_unknown_names_and_bad_values_before_training():
+    x, y = squares(32, seed=0)
+    with pytest.raises(TypeError, match="unknown victim setting.*epoch, sed;") as e:
+        train_victim("cnn", x, y, x, y, epoch=1, sed=2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="epochs must be an int"):
+        train_victim("cnn", x, y, x, y, epochs=1.5)
+    with pytest.raises(ValueError, match="epochs must be an int"):
+        train_victim("cnn", x, y, x, y, config=VictimConfig(epochs=2), epochs=0)
+    with pytest.raises(TypeError, match="config must be a VictimConfig"):
+        train_victim("cnn", x, y, x, y, config={"epochs": 1})
+    with pytest.raises(ValueError, match="progress"):
+        train_victim("cnn", x, y, x, y, epochs=1, progress="yes", **FAST)
+    with pytest.raises(ValueError, match="val_x and val_y"):
+        train_victim("cnn", x, y, x, y, epochs=1, val_x=x, **FAST)
+    with pytest.raises(ValueError, match="validation images"):
+        train_victim("cnn", x, y, x, y, epochs=1, val_x=x[:, :, :20, :20], val_y=y, **FAST)
+    with pytest.raises(ValueError, match="two classes"):
+        train_victim("cnn", x, y, x, y, epochs=1, val_x=x[y == 1], val_y=y[y == 1], select="best_val", **FAST)
+
+
+def test_runs_on_the_resolved_device_and_restores_threads_and_denormals():
+    from salm_fast.runtime import _flush_denormal_state
+
+    x, y = squares(32, seed=0)
+    threads, denormal = torch.get_num_threads(), _flush_denormal_state()
+    r = train_victim("cnn", x, y, x, y, epochs=1, threads=threads + 1, device="cpu", **FAST)
+    assert r.settings["device"] == "cpu" and r.settings["threads"] == threads + 1
+    assert next(r.model.parameters()).device.type == "cpu"
+    assert torch.get_num_threads() == threads and _flush_denormal_state() == denormal
+    auto = train_victim("cnn", x, y, x, y, epochs=1, **FAST)
+    assert auto.settings["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# What an attacker adds: early stopping on clean labeled images, flipping an inverted ranking
+
+def faint_squares(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``squares`` but a faint square (+25) on strong noise: learned over a few epochs, not one step."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = (torch.rand(n, 1, 28, 28, generator=g) * 120).to(torch.uint8)
+    x[y == 0, :, 2:10, 2:10] += 25
+    x[y == 1, :, 18:26, 18:26] += 25
+    return x, y
+
+
+def test_best_val_keeps_the_epoch_of_best_validation_auc_and_records_it():
+    x, y = faint_squares(64, seed=0)
+    xv, yv = faint_squares(32, seed=2)
+    # Validation labels inverted: the better the victim learns, the lower its validation AUC, so the
+    # best epoch is an early one and the kept weights are not the final ones.
+    r = train_victim("cnn", x, y, xv, yv, epochs=5, lr=1e-3, val_x=xv, val_y=1 - yv, select="best_val", **FAST)
+    val_aucs = [row["val_auc"] for row in r.history]
+    best = val_aucs.index(max(val_aucs)) + 1
+    assert r.best_epoch == best < len(r.history) and r.to_dict()["best_epoch"] == best
+    assert [row.get("selected", False) for row in r.history] == [e == best for e in range(1, 6)]
+    kept = r.history[best - 1]
+    assert r.val["auc"] == kept["val_auc"] and r.test["auc"] == kept["test_auc"] and r.test["acc"] == kept["test_acc"]
+    assert r.test["auc"] != r.history[-1]["test_auc"]
+    last = train_victim("cnn", x, y, xv, yv, epochs=1, val_x=xv, val_y=1 - yv, **FAST)
+    assert last.best_epoch is None and last.val is not None
+
+
+def test_protection_auc_flips_binary_rankings_only():
+    assert protection_auc(0.3) == pytest.approx(0.7) and protection_auc(0.8) == 0.8 and protection_auc(0.5) == 0.5
+    assert protection_auc(0.0) == 1.0 and math.isnan(protection_auc(math.nan))
+    assert protection_auc(0.3, num_classes=3) == 0.3
+    with pytest.raises(ValueError, match="auc"):
+        protection_auc(1.5)
+    with pytest.raises(ValueError, match="num_classes"):
+        protection_auc(0.5, num_classes=1)
+
+
+def test_binary_test_metrics_carry_the_flipped_auc():
+    x, y = squares(64, seed=0)
+    xt, yt = squares(32, seed=1)
+    r = train_victim("cnn", x, y, xt, 1 - yt, epochs=2, lr=3e-3, **FAST)  # an inverted test ranking
+    assert r.test["auc"] < 0.5 and r.test["auc_flipped"] == 1 - r.test["auc"]
+    assert list(r.test)[:3] == ["acc", "auc", "auc_flipped"]
+    assert "auc_flipped" not in r.history[-1] and (r.val is None)
+    from salm_fast.data import make_synthetic
+
+    ds = make_synthetic(n_train=48, n_val=4, n_test=24, n_classes=3, seed=0)
+    multi = train_victim("cnn", ds["train"].images, ds["train"].labels, ds["test"].images, ds["test"].labels,
+                         epochs=1, **FAST)
+    assert "auc_flipped" not in multi.test and multi.settings["num_classes"] == 3
+
+
+#: Test ACC / AUC of a small fixed-seed run (``cnn``, fp32, 2 epochs, one thread), recorded before the
+#: training loop was split into steps: the refactor must not change what a victim learns. fp32
+#: convolutions differ per instruction set (oneDNN), hence one entry per CPU capability.
+PINNED_VICTIM = {"AVX512": {"acc": 0.5, "auc": 0.3984375, "auc_flipped": 0.6015625}}
+
+
+def test_fixed_seed_victim_metrics_are_pinned():
+    from salm_fast.data import make_synthetic
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in PINNED_VICTIM:
+        pytest.skip(f"no pinned victim metrics for CPU capability {cap}")
+    ds = make_synthetic(n_train=64, n_val=16, n_test=32, seed=1)
+    r = train_victim("cnn", ds["train"].images, ds["train"].labels, ds["test"].images, ds["test"].labels,
+                     epochs=2, precision="fp32", threads=1, device="cpu")
+    assert {k: r.test[k] for k in PINNED_VICTIM[cap]} == PINNED_VICTIM[cap]

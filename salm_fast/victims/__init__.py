@@ -1,7 +1,8 @@
 """The victim side: what an unauthorized user would do with a released dataset.
 
 - :func:`train_victim` trains a zoo model (or any module) from scratch on the release, with
-  optional counter-measures, and reports clean test ACC / AUC / balanced accuracy;
+  optional counter-measures, and reports clean test ACC / AUC / balanced accuracy (binary tasks
+  also ``auc_flipped`` = max(AUC, 1 - AUC)); every setting is a field of :class:`VictimConfig`;
 - :mod:`.defenses`: the counter-measures (JPEG, blur, bit depth, grayscale, ISS, crop+flip,
   cutout, mixup, cutmix, PGD adversarial training), by name;
 - :mod:`.metrics`: classification metrics and perturbation quality (L-inf, L0, PSNR, SSIM);
@@ -16,10 +17,18 @@ Comparing clean and protected training is a few lines::
 from __future__ import annotations
 
 from .defenses import DEFENSES, DefensePlan, make_defense, parse_defenses
-from .metrics import auc_score, balanced_accuracy, classification_metrics, perturbation_metrics, ssim
+from .metrics import (
+    auc_score,
+    balanced_accuracy,
+    classification_metrics,
+    perturbation_metrics,
+    protection_auc,
+    ssim,
+)
 from ..runtime import Normalize, autocast, choose_precision, cpu_features
 from .train import (
     VICTIM_DEFAULTS,
+    VictimConfig,
     VictimDefaults,
     VictimResult,
     as_labels,
@@ -30,8 +39,8 @@ from .train import (
 )
 
 __all__ = [
-    "DEFENSES", "VICTIM_DEFAULTS", "DefensePlan", "Normalize", "VictimDefaults", "VictimResult", "as_labels",
-    "as_uint8_images", "auc_score", "autocast", "balanced_accuracy", "choose_precision", "classification_metrics",
-    "cpu_features", "evaluate_model", "make_defense", "parse_defenses", "perturbation_metrics",
-    "predict_logits", "ssim", "train_victim",
+    "DEFENSES", "VICTIM_DEFAULTS", "DefensePlan", "Normalize", "VictimConfig", "VictimDefaults", "VictimResult",
+    "as_labels", "as_uint8_images", "auc_score", "autocast", "balanced_accuracy", "choose_precision",
+    "classification_metrics", "cpu_features", "evaluate_model", "make_defense", "parse_defenses",
+    "perturbation_metrics", "predict_logits", "protection_auc", "ssim", "train_victim",
 ]

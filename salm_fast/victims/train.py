@@ -3,14 +3,25 @@
 Lean and fast in the airbench / hlb-CIFAR10 manner: the whole training set is one uint8
 tensor on the device; each step gathers a batch by ``randperm`` indices, makes it float once
 (``/255``), augments the whole batch at once, and runs the model in ``channels_last`` under the
-precision chosen at run time (:mod:`.precision`). No DataLoader. Normalization, ``(x - 0.5) /
-0.25``, is the first layer of the trained model, so the model returned takes images in [0, 1]
-and adversarial training works in pixel space.
+precision chosen at run time (:mod:`salm_fast.runtime`). No DataLoader. Normalization, ``(x -
+0.5) / 0.25``, is the first layer of the trained model, so the model returned takes images in
+[0, 1] and adversarial training works in pixel space.
+
+Every setting lives in one :class:`VictimConfig` (validated on creation); :func:`train_victim`
+takes one, or keyword overrides of its fields, or both. A run is a few small steps: prepare the
+data (uint8 on the device, data-level defenses applied once), build (model, optimizer, LR
+schedule, precision), train epoch by epoch (evaluating every ``eval_every``), select the
+weights (last, or best validation AUC), and report.
 
 Inputs: images as uint8 (the released format), N x C x H x W, N x H x W (gray) or N x H x W x C
 (MedMNIST's RGB layout, recognised by C in {1, 3} last); float images in [0, 1] are accepted
 and quantized to uint8 first (``round(255 x)``), because what is released, and so what is
 judged, is the stored uint8 copy. Labels: N or N x 1 integers.
+
+What an attacker also does (DESIGN.md): early stopping on the few clean labeled images they hold
+(``val_x``/``val_y`` with ``select="best_val"``; the result records ``best_epoch``), and, for a
+binary task, flipping an inverted ranking: the test metrics then carry ``auc_flipped`` =
+max(AUC, 1 - AUC) (:func:`.metrics.protection_auc`) beside ``auc``.
 
 Reproducibility: same seed, same precision, same thread count and machine -> the same
 history bit for bit (model init, data order and augmentation all come from ``seed``; the
@@ -19,24 +30,27 @@ slow CPU training several-fold) and the caller's setting is restored after.
 
 >>> r = train_victim("cnn", x_train, y_train, x_test, y_test, epochs=5)   # doctest: +SKIP
 >>> r.test["acc"], r.test["auc"], r.precision, r.images_per_s             # doctest: +SKIP
+>>> cfg = VictimConfig(epochs=30, augment="crop_flip", precision="fp32")  # doctest: +SKIP
+>>> train_victim("resnet18", x_train, y_train, x_test, y_test, config=cfg, seed=1)  # doctest: +SKIP
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import numbers
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..models import MODELS, build_model
-from ..runtime import Normalize, autocast, choose_precision, flush_denormal
-from .defenses import CropFlip, parse_defenses
-from .metrics import classification_metrics
-
+from ..runtime import Normalize, autocast, choose_precision, flush_denormal, resolve_device
+from .defenses import CropFlip, DefensePlan, parse_defenses
+from .metrics import classification_metrics, protection_auc
 
 
 @dataclass(frozen=True)
@@ -78,13 +92,118 @@ EVAL_BATCH = 512        # images per forward pass at evaluation
 #: epochs; bench/paper_grid.sh, first run).
 MIN_STEPS_PER_EPOCH = 16
 
+OPTIMIZERS = ("sgd", "adam", "adamw")
+AUGMENTS = ("none", "crop_flip")
+SELECTS = ("last", "best_val")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_setting(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
+def _real_setting(name: str, value: Any, low: float, high: float, *, high_open: bool = False,
+                  low_open: bool = False, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {span}{' or None' if optional else ''}, got {value!r}")
+    return float(value)
+
+
+def _choice_setting(name: str, value: Any, choices: Sequence[str], *, optional: bool = False) -> None:
+    if not (value is None and optional) and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class VictimConfig:
+    """Every setting of one victim training run (units in the comments), validated on creation:
+    a bad value raises a one-line ValueError naming the field. ``None`` for ``epochs``,
+    ``batch_size``, ``lr``, ``weight_decay``, ``optimizer``: the model's :data:`VICTIM_DEFAULTS`
+    (the default batch shrinks on small training sets, see :data:`MIN_STEPS_PER_EPOCH`).
+    ``dataclasses.replace`` and :func:`train_victim`'s keyword overrides re-validate."""
+
+    epochs: int | None = None                 # passes over the training set, >= 1
+    batch_size: int | None = None             # images per optimizer step, >= 2 (BatchNorm needs 2)
+    lr: float | None = None                   # peak learning rate (after the warm-up), > 0
+    weight_decay: float | None = None         # factor on conv/linear weights (L2; decoupled for adamw), >= 0
+    optimizer: str | None = None              # "sgd" (Nesterov, momentum 0.9) | "adam" | "adamw"
+    label_smoothing: float = LABEL_SMOOTHING  # fraction of target mass spread over the classes, in [0, 1)
+    augment: str = "none"                     # "none" | "crop_flip" (same as adding the crop_flip defense)
+    defense: str | Sequence[str] | None = None  # counter-measure names joined by "+" (see .defenses)
+    seed: int = 0                             # >= 0; model init, data order and augmentation
+    precision: str = "auto"                   # "auto" | "fp32" | "bf16" (runtime.choose_precision)
+    channels_last: bool = True                # memory format of the model and its batches
+    eval_every: int = 1                       # epochs between test/val evaluations, >= 0 (0: after the last only)
+    select: str = "last"                      # "last" | "best_val" (the evaluated epoch of best val AUC)
+    warmup_frac: float = WARMUP_FRAC          # fraction of all steps with a linear LR warm-up, in [0, 1]
+    num_classes: int | None = None            # >= 2; None: 1 + the largest label given (at least 2)
+    device: str | torch.device | None = "auto"  # "auto"/None: CUDA when present, else CPU; "cpu", "cuda:1", ...
+    eval_train: bool = True                   # also report metrics on the training set as trained on
+    threads: int | None = None                # intra-op CPU threads during the call (restored after), >= 1
+
+    def __post_init__(self) -> None:
+        ints = {"epochs": (1, True), "batch_size": (2, True), "seed": (0, False), "eval_every": (0, False),
+                "num_classes": (2, True), "threads": (1, True)}
+        for name, (minimum, optional) in ints.items():
+            object.__setattr__(self, name, _int_setting(name, getattr(self, name), minimum, optional=optional))
+        reals = {"lr": (0.0, math.inf, dict(low_open=True, high_open=True, optional=True)),
+                 "weight_decay": (0.0, math.inf, dict(high_open=True, optional=True)),
+                 "label_smoothing": (0.0, 1.0, dict(high_open=True)), "warmup_frac": (0.0, 1.0, {})}
+        for name, (low, high, kw) in reals.items():
+            object.__setattr__(self, name, _real_setting(name, getattr(self, name), low, high, **kw))
+        _choice_setting("optimizer", self.optimizer, OPTIMIZERS, optional=True)
+        _choice_setting("augment", self.augment, AUGMENTS)
+        _choice_setting("select", self.select, SELECTS)
+        _choice_setting("precision", self.precision, PRECISION_CHOICES)
+        for name in ("channels_last", "eval_train"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        is_names = isinstance(self.defense, (list, tuple)) and all(isinstance(d, str) for d in self.defense)
+        if not (self.defense is None or isinstance(self.defense, str) or is_names):
+            raise ValueError(f"defense must be names joined by '+', a list of names or None, got {self.defense!r}")
+        self.defense_plan()  # unknown or repeated names raise here, before any training
+        resolve_device(self.device)
+
+    def defense_plan(self) -> DefensePlan:
+        """A fresh plan of the counter-measures (``augment="crop_flip"`` included)."""
+        plan = parse_defenses(self.defense)
+        if self.augment == "crop_flip" and not any(isinstance(b, CropFlip) for b in plan.batch):
+            plan.batch.insert(0, CropFlip())
+        return plan
+
+    def with_overrides(self, overrides: dict[str, Any]) -> VictimConfig:
+        """A copy with ``overrides`` (field name -> value) applied and validated; an unknown
+        name raises TypeError naming it."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            valid = ", ".join(f.name for f in fields(self))
+            raise TypeError(f"unknown victim setting(s) {', '.join(unknown)}; valid: {valid}")
+        return replace(self, **overrides) if overrides else self
+
 
 @dataclass
 class VictimResult:
     """Outcome of one victim training run. ``to_dict()`` is JSON-ready (no model)."""
 
     model_name: str
-    test: dict[str, float]             # acc, auc, balanced_acc, n on the clean test set
+    test: dict[str, float]             # acc, auc (+ auc_flipped if binary), balanced_acc, n on the clean test set
     train: dict[str, float] | None     # same on the training set as trained on (eval mode, no augmentation)
     val: dict[str, float] | None       # same on the validation set, if given
     history: list[dict[str, Any]]      # one row per epoch (see train_victim)
@@ -96,6 +215,7 @@ class VictimResult:
     images_per_s: float                # training images processed per second of train_time_s
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    best_epoch: int | None = None      # select="best_val": the epoch whose weights were kept (1-based)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # takes [0, 1] images
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +295,7 @@ def evaluate_model(model: nn.Module, images: Tensor | np.ndarray, labels: Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training: prepare the data, build, one epoch, evaluate, select, result
 
 def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets * logits.float().log_softmax(1)).sum(1).mean()
@@ -205,6 +325,286 @@ def _lr_factor(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
     return factor
 
 
+@dataclass
+class _VictimData:
+    """A run's images (uint8 N x C x H x W) and labels, all on the training device; the training
+    images are the ones after the data-level defenses."""
+
+    x_tr: Tensor
+    y_tr: Tensor
+    x_te: Tensor
+    y_te: Tensor
+    x_va: Tensor | None
+    y_va: Tensor | None
+    num_classes: int
+    plan: DefensePlan
+    notes: list[str]
+    defense_s: float  # seconds spent applying the data-level defenses
+
+    @property
+    def n(self) -> int:
+        return int(self.x_tr.shape[0])
+
+
+def _held_out(name: str, x: Tensor | np.ndarray, y: Tensor | np.ndarray, like: Tensor) -> tuple[Tensor, Tensor]:
+    """A test or validation split as uint8 images and labels, checked against the training images."""
+    images = as_uint8_images(x)
+    labels = as_labels(y, images.shape[0])
+    if images.shape[0] < 1:
+        raise ValueError(f"need at least 1 {name} image")
+    if images.shape[1:] != like.shape[1:]:
+        raise ValueError(f"{name} images {tuple(images.shape[1:])} differ from training images {tuple(like.shape[1:])}")
+    return images, labels
+
+
+def _prepare_data(cfg: VictimConfig, train: tuple, test: tuple, val: tuple, device: torch.device) -> _VictimData:
+    """Inputs -> uint8 tensors on ``device``; data-level defenses applied once (on the CPU, as an
+    attacker storing the transformed copy would), never to the test or validation images."""
+    if (val[0] is None) != (val[1] is None):
+        raise ValueError("val_x and val_y go together: give both or neither")
+    if cfg.select == "best_val" and val[0] is None:
+        raise ValueError("select='best_val' needs val_x and val_y (clean labeled images held out)")
+    x_tr = as_uint8_images(train[0])
+    y_tr = as_labels(train[1], x_tr.shape[0])
+    if x_tr.shape[0] < 2:
+        raise ValueError("need at least 2 training images")
+    x_te, y_te = _held_out("test", *test, like=x_tr)
+    x_va, y_va = _held_out("validation", *val, like=x_tr) if val[0] is not None else (None, None)
+    given = [y for y in (y_tr, y_te, y_va) if y is not None]
+    top = max(int(y.max()) for y in given)
+    k = cfg.num_classes if cfg.num_classes is not None else max(top + 1, 2)
+    if top >= k:
+        raise ValueError(f"label {top} out of range for num_classes={k}")
+    if cfg.select == "best_val" and int(y_va.unique().numel()) < 2:
+        raise ValueError("select='best_val' ranks epochs by validation AUC: the validation labels need two classes")
+    plan = cfg.defense_plan()
+    t0 = time.perf_counter()
+    x_tr = plan.apply_data(x_tr)
+    defense_s = time.perf_counter() - t0
+    on = [None if t is None else t.to(device) for t in (x_tr, y_tr, x_te, y_te, x_va, y_va)]
+    return _VictimData(*on, num_classes=k, plan=plan, notes=plan.notes(int(x_tr.shape[1])), defense_s=defense_s)
+
+
+def _model_defaults(model: str | nn.Module) -> tuple[str, VictimDefaults]:
+    if isinstance(model, str):
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
+        return model, VICTIM_DEFAULTS.get(model, GENERIC_DEFAULTS)
+    if isinstance(model, nn.Module):
+        return type(model).__name__, GENERIC_DEFAULTS
+    raise ValueError(f"model must be a zoo name ({', '.join(MODELS)}) or an nn.Module, got {type(model).__name__}")
+
+
+def _fill_defaults(cfg: VictimConfig, defaults: VictimDefaults, n_train: int) -> VictimConfig:
+    """``cfg`` with every None training setting replaced by the model's default."""
+    batch = cfg.batch_size
+    if batch is None:  # small sets: smaller batches, so that an epoch still has MIN_STEPS_PER_EPOCH steps
+        batch = max(16, min(defaults.batch_size, n_train // MIN_STEPS_PER_EPOCH))
+    return replace(
+        cfg, epochs=defaults.epochs if cfg.epochs is None else cfg.epochs, batch_size=batch,
+        lr=defaults.lr if cfg.lr is None else cfg.lr, optimizer=cfg.optimizer or defaults.optimizer,
+        weight_decay=defaults.weight_decay if cfg.weight_decay is None else cfg.weight_decay)
+
+
+@dataclass
+class _Training:
+    """One run's moving parts and running totals, including the weights kept by ``select``."""
+
+    net: nn.Sequential                 # Normalize + the victim, on the device
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator               # data order and augmentation (CPU)
+    precision: str
+    precision_reason: str
+    memory_format: torch.memory_format
+    steps_per_epoch: int
+    targets: Tensor                    # K x K: row c is class c's label-smoothed target
+    train_s: float = 0.0               # seconds of optimizer steps
+    eval_s: float = 0.0                # seconds of evaluation
+    images_seen: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int | None = None
+    best_state: dict[str, Tensor] | None = None
+
+
+def _build(model: str | nn.Module, cfg: VictimConfig, data: _VictimData, device: torch.device) -> _Training:
+    """Model (seeded from the global RNG: call under ``manual_seed``), precision, optimizer, LR schedule."""
+    n, c, h, w = data.x_tr.shape
+    k = data.num_classes
+    core = build_model(model, c, k, image_size=max(h, w)) if isinstance(model, str) else model
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = nn.Sequential(Normalize(), core).to(device).to(memory_format=fmt)
+    precision, reason = choose_precision(cfg.precision, device, model=core, sample_shape=(cfg.batch_size, c, h, w),
+                                         num_classes=k)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = _make_optimizer(net, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    steps = math.ceil(n / cfg.batch_size) - (1 if n % cfg.batch_size == 1 else 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.epochs * steps, cfg.warmup_frac))
+    targets = torch.full((k, k), cfg.label_smoothing / k, device=device)
+    targets += torch.eye(k, device=device) * (1.0 - cfg.label_smoothing)
+    return _Training(net, opt, sched, gen, precision, reason, fmt, steps, targets)
+
+
+def _train_step(run: _Training, data: _VictimData, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step on the images ``idx``; returns (logits, targets, loss) of the batch."""
+    xb = data.x_tr[idx].float().div_(255)
+    tb = run.targets[data.y_tr[idx]]
+    xb, tb = data.plan.apply_batch(xb, tb, run.gen)
+    xb = xb.contiguous(memory_format=run.memory_format)
+    if data.plan.adversarial is not None:
+        xb = data.plan.adversarial.perturb(run.net, xb, tb, _soft_cross_entropy, run.gen, run.precision)
+    with autocast(run.precision, xb.device):
+        logits = run.net(xb)
+    loss = _soft_cross_entropy(logits, tb)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.sched.step()
+    return logits, tb, loss
+
+
+def _train_epoch(run: _Training, data: _VictimData, batch_size: int, epoch: int) -> dict[str, Any]:
+    """One pass over the training set in a fresh random order; returns the epoch's history row
+    (evaluation columns None). A final batch of one image is skipped (BatchNorm cannot train on it)."""
+    run.net.train()
+    t0 = time.perf_counter()
+    device = data.x_tr.device
+    perm = torch.randperm(data.n, generator=run.gen).to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for s in range(run.steps_per_epoch):
+        idx = perm[s * batch_size:(s + 1) * batch_size]
+        logits, targets, loss = _train_step(run, data, idx)
+        with torch.no_grad():  # accumulated on the device: no sync per step
+            loss_sum += loss.detach().double() * idx.numel()
+            correct += (logits.argmax(1) == targets.argmax(1)).sum()
+        seen += idx.numel()
+    epoch_s = time.perf_counter() - t0
+    run.train_s += epoch_s
+    run.images_seen += seen
+    return {"epoch": epoch, "lr": run.opt.param_groups[0]["lr"], "train_loss": float(loss_sum) / seen,
+            "train_acc": int(correct) / seen, "epoch_s": epoch_s,
+            "test_acc": None, "test_auc": None, "val_acc": None, "val_auc": None}
+
+
+def _metrics(run: _Training, images: Tensor, labels: Tensor, channels_last: bool) -> dict[str, float]:
+    logits = predict_logits(run.net, images, precision=run.precision, channels_last=channels_last)
+    return classification_metrics(logits, labels)
+
+
+def _evaluate_epoch(run: _Training, data: _VictimData, cfg: VictimConfig, row: dict[str, Any]) -> None:
+    """Test (and validation) metrics into ``row``; under ``select="best_val"`` keep these weights if
+    their validation AUC beats every earlier evaluated epoch's (ties keep the earlier epoch)."""
+    t0 = time.perf_counter()
+    m = _metrics(run, data.x_te, data.y_te, cfg.channels_last)
+    row["test_acc"], row["test_auc"] = m["acc"], m["auc"]
+    if data.x_va is not None:
+        mv = _metrics(run, data.x_va, data.y_va, cfg.channels_last)
+        row["val_acc"], row["val_auc"] = mv["acc"], mv["auc"]
+        score = -math.inf if math.isnan(mv["auc"]) else mv["auc"]
+        if cfg.select == "best_val" and (run.best_state is None or score > run.best_auc):
+            run.best_auc, run.best_epoch = score, row["epoch"]
+            run.best_state = copy.deepcopy(run.net.state_dict())
+            row["selected"] = True
+    run.eval_s += time.perf_counter() - t0
+
+
+def _progress_reporter(progress: bool | Callable, epochs: int, name: str) -> tuple[Callable, Callable]:
+    """(report(row), close()) for ``progress``: a tqdm bar (True), the caller's callable, or nothing."""
+    if callable(progress):
+        return progress, lambda: None
+    if progress is not True:
+        return (lambda row: None), (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=epochs, desc=f"victim {name}", unit="epoch")
+
+    def report(row: dict[str, Any]) -> None:
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                        test_acc="-" if row["test_acc"] is None else f"{row['test_acc']:.3f}")
+        bar.update(1)
+
+    return report, bar.close
+
+
+def _fit(run: _Training, data: _VictimData, cfg: VictimConfig, progress: bool | Callable,
+         name: str) -> list[dict[str, Any]]:
+    """All epochs; evaluation every ``eval_every`` epochs and after the last. Returns the history."""
+    report, close = _progress_reporter(progress, cfg.epochs, name)
+    history: list[dict[str, Any]] = []
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            row = _train_epoch(run, data, cfg.batch_size, epoch)
+            if epoch == cfg.epochs or (cfg.eval_every > 0 and epoch % cfg.eval_every == 0):
+                _evaluate_epoch(run, data, cfg, row)
+            history.append(row)
+            report(row)
+    finally:
+        close()
+    return history
+
+
+def _select_weights(run: _Training) -> None:
+    """Load the weights ``select`` kept (best_val); under ``select="last"`` the final ones stay."""
+    if run.best_state is not None:
+        run.net.load_state_dict(run.best_state)
+    run.net.eval()
+
+
+def _with_flipped_auc(metrics: dict[str, float], num_classes: int) -> dict[str, float]:
+    """Binary tasks: add ``auc_flipped`` (max(AUC, 1 - AUC), what an attacker who flips an inverted
+    ranking gets) right after ``auc``."""
+    if num_classes != 2:
+        return metrics
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        out[key] = value
+        if key == "auc":
+            out["auc_flipped"] = protection_auc(value, num_classes)
+    return out
+
+
+def _result(run: _Training, data: _VictimData, cfg: VictimConfig, name: str, history: list[dict[str, Any]],
+            device: torch.device, t_start: float) -> VictimResult:
+    """Final metrics of the selected weights on test (and validation, training) images, and the settings."""
+    t0 = time.perf_counter()
+    test_m = _with_flipped_auc(_metrics(run, data.x_te, data.y_te, cfg.channels_last), data.num_classes)
+    val_m = _metrics(run, data.x_va, data.y_va, cfg.channels_last) if data.x_va is not None else None
+    train_m = _metrics(run, data.x_tr, data.y_tr, cfg.channels_last) if cfg.eval_train else None
+    run.eval_s += time.perf_counter() - t0
+    _, c, h, w = data.x_tr.shape
+    settings = {
+        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+        "optimizer": cfg.optimizer, "label_smoothing": cfg.label_smoothing, "augment": cfg.augment,
+        "seed": cfg.seed, "channels_last": cfg.channels_last, "warmup_frac": cfg.warmup_frac, "select": cfg.select,
+        "num_classes": data.num_classes, "image_shape": [c, h, w], "n_train": data.n,
+        "n_test": int(data.x_te.shape[0]), "device": str(device), "threads": torch.get_num_threads(),
+        "eval_s": run.eval_s, "defense_s": data.defense_s,
+    }
+    return VictimResult(
+        model_name=name, test=test_m, train=train_m, val=val_m, history=history,
+        precision=run.precision, precision_reason=run.precision_reason, defense=data.plan.name,
+        time_s=time.perf_counter() - t_start, train_time_s=run.train_s,
+        images_per_s=run.images_seen / run.train_s if run.train_s > 0 else math.nan,
+        settings=settings, notes=data.notes, best_epoch=run.best_epoch, model=run.net,
+    )
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the caller's count after; None: untouched."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_victim(
     model: str | nn.Module,
     train_x: Tensor | np.ndarray,
@@ -212,236 +612,56 @@ def train_victim(
     test_x: Tensor | np.ndarray,
     test_y: Tensor | np.ndarray,
     *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    optimizer: str | None = None,
-    label_smoothing: float = LABEL_SMOOTHING,
-    augment: str = "none",
-    defense: str | None = None,
-    seed: int = 0,
-    precision: str = "auto",
-    channels_last: bool = True,
-    eval_every: int = 1,
+    config: VictimConfig | None = None,
     val_x: Tensor | np.ndarray | None = None,
     val_y: Tensor | np.ndarray | None = None,
-    select: str = "last",
-    warmup_frac: float = WARMUP_FRAC,
-    num_classes: int | None = None,
-    device: str | torch.device | None = None,
-    eval_train: bool = True,
     progress: bool | Callable[[dict[str, Any]], None] = False,
-    threads: int | None = None,
+    **overrides: Any,
 ) -> VictimResult:
     """Train a victim from scratch on (released) training images; report clean test metrics.
 
     ``model``: a zoo name (:data:`salm_fast.models.MODELS`) or an ``nn.Module`` (trained in
-    place, wrapped in a :class:`Normalize` layer). ``epochs``, ``batch_size``, ``lr``,
-    ``weight_decay``, ``optimizer`` default to :data:`VICTIM_DEFAULTS` for the model (the batch
-    shrinks on small training sets, see :data:`MIN_STEPS_PER_EPOCH`).
-    ``augment``: ``"none"`` or ``"crop_flip"`` (the victim's own augmentation; same as adding
-    the ``crop_flip`` defense). ``defense``: counter-measure names joined by ``+`` (see
-    :mod:`.defenses`); data-level ones transform the training images once (never the test
-    images), training-time ones every batch. ``precision``: ``"auto"`` | ``"fp32"`` |
-    ``"bf16"`` (:func:`.precision.choose_precision`). ``eval_every``: evaluate the test (and
-    validation) set every that many epochs and at the last one (0: only at the end).
-    ``select``: ``"last"`` (the final model) or ``"best_val"`` (the epoch with the best
-    validation AUC among the evaluated epochs; needs ``val_x``/``val_y``). ``progress``: True
-    for a tqdm bar, or a callable given each history row. ``threads``: intra-op threads for
-    this call (restored after; None keeps torch's setting) -- on a CPU shared with other jobs
-    one thread can be several times faster than two.
+    place, wrapped in a :class:`Normalize` layer). ``config``: a :class:`VictimConfig` (default:
+    all defaults); ``overrides``: any of its fields by keyword (``epochs=5, seed=1``), applied on
+    top and validated the same way; an unknown keyword raises TypeError naming it. Data-level
+    defenses transform the training images once (never the test or validation images),
+    training-time ones every batch. ``val_x``/``val_y``: clean labeled images held out (the
+    attacker's own), evaluated with the test set; ``select="best_val"`` keeps the evaluated
+    epoch of best validation AUC (``result.best_epoch``). ``progress``: True for a tqdm bar, or
+    a callable given each history row.
 
     History rows: ``epoch``, ``lr`` (at the epoch's last step), ``train_loss`` (mean soft
     cross-entropy over the epoch's batches), ``train_acc`` (running accuracy on the augmented
     batches against the argmax of their (mixed) targets), ``epoch_s`` (training seconds),
-    ``test_acc``, ``test_auc``, ``val_acc``, ``val_auc`` (None on epochs not evaluated).
-    A final partial batch of one image is skipped (BatchNorm cannot train on one sample).
+    ``test_acc``, ``test_auc``, ``val_acc``, ``val_auc`` (None on epochs not evaluated), and
+    ``selected`` (True) on each epoch that became the best_val choice when it was evaluated.
     """
-    args = dict(locals())
-    if threads is None:
-        with flush_denormal():
-            return _train_victim(**args)
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        with flush_denormal():
-            return _train_victim(**args)
-    finally:
-        torch.set_num_threads(before)
+    if config is not None and not isinstance(config, VictimConfig):
+        raise TypeError(f"config must be a VictimConfig or None, got {type(config).__name__}")
+    cfg = (config if config is not None else VictimConfig()).with_overrides(overrides)
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise ValueError(f"progress must be True, False or a callable, got {progress!r}")
+    with _intra_op_threads(cfg.threads), flush_denormal():
+        return _train(model, cfg, (train_x, train_y), (test_x, test_y), (val_x, val_y), progress)
 
 
-def _train_victim(*, model, train_x, train_y, test_x, test_y, epochs, batch_size, lr, weight_decay, optimizer,
-                  label_smoothing, augment, defense, seed, precision, channels_last, eval_every, val_x, val_y,
-                  select, warmup_frac, num_classes, device, eval_train, progress, threads) -> VictimResult:
+def _train(model: str | nn.Module, cfg: VictimConfig, train: tuple, test: tuple, val: tuple,
+           progress: bool | Callable) -> VictimResult:
     t_start = time.perf_counter()
-    plan = parse_defenses(defense)
-    if augment not in ("none", "crop_flip"):
-        raise ValueError(f"augment must be 'none' or 'crop_flip', got {augment!r}")
-    if augment == "crop_flip" and not any(isinstance(b, CropFlip) for b in plan.batch):
-        plan.batch.insert(0, CropFlip())
-    if select not in ("last", "best_val"):
-        raise ValueError(f"select must be 'last' or 'best_val', got {select!r}")
-    has_val = val_x is not None and val_y is not None
-    if select == "best_val" and not has_val:
-        raise ValueError("select='best_val' needs val_x and val_y")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if not 0 <= label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-
-    x_tr = as_uint8_images(train_x)
-    y_tr = as_labels(train_y, x_tr.shape[0])
-    x_te = as_uint8_images(test_x)
-    y_te = as_labels(test_y, x_te.shape[0])
-    x_va = as_uint8_images(val_x) if has_val else None
-    y_va = as_labels(val_y, x_va.shape[0]) if has_val else None
-    n, c, h, w = x_tr.shape
-    if n < 2:
-        raise ValueError("need at least 2 training images")
-    if x_te.shape[1:] != x_tr.shape[1:]:
-        raise ValueError(f"test images {tuple(x_te.shape[1:])} differ from training images {tuple(x_tr.shape[1:])}")
-    k = int(num_classes) if num_classes is not None else int(max(y_tr.max(), y_te.max())) + 1
-    k = max(k, 2)
-    top = max(int(y_tr.max()), int(y_te.max()), int(y_va.max()) if has_val and y_va.numel() else 0)
-    if top >= k:
-        raise ValueError(f"label {top} out of range for num_classes={k}")
-
-    if isinstance(model, str):
-        if model not in MODELS:
-            raise ValueError(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
-        model_name, defaults = model, VICTIM_DEFAULTS.get(model, GENERIC_DEFAULTS)
-    else:
-        model_name, defaults = type(model).__name__, GENERIC_DEFAULTS
-    epochs = defaults.epochs if epochs is None else int(epochs)
-    if batch_size is None:  # small sets: smaller batches, so that an epoch still has MIN_STEPS_PER_EPOCH steps
-        batch_size = max(16, min(defaults.batch_size, int(train_x.shape[0]) // MIN_STEPS_PER_EPOCH))
-    batch_size = int(batch_size)
-    lr = defaults.lr if lr is None else float(lr)
-    weight_decay = defaults.weight_decay if weight_decay is None else float(weight_decay)
-    optimizer = defaults.optimizer if optimizer is None else optimizer
-    if epochs < 1 or batch_size < 2:
-        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {epochs}, {batch_size}")
-
-    if device is None:
-        device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
-    device = torch.device(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    notes = plan.notes(c)
-    t0 = time.perf_counter()
-    x_tr = plan.apply_data(x_tr)
-    defense_time = time.perf_counter() - t0
-    x_tr, y_tr = x_tr.to(device), y_tr.to(device)
-    targets_table = torch.full((k, k), label_smoothing / k, device=device)
-    targets_table += torch.eye(k, device=device) * (1.0 - label_smoothing)
-
-    history: list[dict[str, Any]] = []
-    train_time = eval_time = 0.0
-    images_seen = 0
-    best_auc, best_state = -math.inf, None
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        if isinstance(model, str):
-            core = build_model(model, c, k, image_size=max(h, w))
-        else:
-            core = model
-        net = nn.Sequential(Normalize(), core).to(device).to(memory_format=fmt)
-        precision, precision_reason = choose_precision(precision, device, model=core,
-                                                       sample_shape=(batch_size, c, h, w), num_classes=k)
-        gen = torch.Generator().manual_seed(seed)
-        opt = _make_optimizer(net, optimizer, lr, weight_decay)
-        steps_per_epoch = math.ceil(n / batch_size) - (1 if n % batch_size == 1 else 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(epochs * steps_per_epoch, warmup_frac))
-
-        bar = None
-        if progress is True:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=epochs, desc=f"victim {model_name}", unit="epoch")
-
-        for epoch in range(1, epochs + 1):
-            net.train()
-            t_epoch = time.perf_counter()
-            perm = torch.randperm(n, generator=gen).to(device)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            seen = 0
-            for s in range(steps_per_epoch):
-                idx = perm[s * batch_size:(s + 1) * batch_size]
-                xb = x_tr[idx].float().div_(255)
-                tb = targets_table[y_tr[idx]]
-                xb, tb = plan.apply_batch(xb, tb, gen)
-                xb = xb.contiguous(memory_format=fmt)
-                if plan.adversarial is not None:
-                    xb = plan.adversarial.perturb(net, xb, tb, _soft_cross_entropy, gen, precision)
-                with autocast(precision, device):
-                    logits = net(xb)
-                loss = _soft_cross_entropy(logits, tb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():
-                    loss_sum += loss.detach().double() * idx.numel()
-                    correct += (logits.argmax(1) == tb.argmax(1)).sum()
-                seen += idx.numel()
-            epoch_s = time.perf_counter() - t_epoch
-            train_time += epoch_s
-            images_seen += seen
-            row: dict[str, Any] = {
-                "epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": float(loss_sum) / seen,
-                "train_acc": int(correct) / seen, "epoch_s": epoch_s,
-                "test_acc": None, "test_auc": None, "val_acc": None, "val_auc": None,
-            }
-            if epoch == epochs or (eval_every > 0 and epoch % eval_every == 0):
-                t_eval = time.perf_counter()
-                m = evaluate_model(net, x_te, y_te, precision=precision, channels_last=channels_last)
-                row["test_acc"], row["test_auc"] = m["acc"], m["auc"]
-                if has_val:
-                    mv = evaluate_model(net, x_va, y_va, precision=precision, channels_last=channels_last)
-                    row["val_acc"], row["val_auc"] = mv["acc"], mv["auc"]
-                    score = -math.inf if math.isnan(mv["auc"]) else mv["auc"]
-                    if select == "best_val" and (best_state is None or score > best_auc):
-                        best_auc, best_state = score, copy.deepcopy(net.state_dict())
-                        row["selected"] = True
-                eval_time += time.perf_counter() - t_eval
-            history.append(row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
-                                test_acc="-" if row["test_acc"] is None else f"{row['test_acc']:.3f}")
-                bar.update(1)
-            elif callable(progress):
-                progress(row)
-        if bar is not None:
-            bar.close()
-
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net.eval()
-    t_eval = time.perf_counter()
-    test_m = evaluate_model(net, x_te, y_te, precision=precision, channels_last=channels_last)
-    val_m = evaluate_model(net, x_va, y_va, precision=precision, channels_last=channels_last) if has_val else None
-    train_m = evaluate_model(net, x_tr, y_tr, precision=precision, channels_last=channels_last) if eval_train else None
-    eval_time += time.perf_counter() - t_eval
-
-    settings = {
-        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer,
-        "label_smoothing": label_smoothing, "augment": augment, "seed": seed, "channels_last": channels_last,
-        "warmup_frac": warmup_frac, "select": select, "num_classes": k, "image_shape": [c, h, w],
-        "n_train": n, "n_test": int(x_te.shape[0]), "device": str(device), "threads": torch.get_num_threads(),
-        "eval_s": eval_time, "defense_s": defense_time,
-    }
-    return VictimResult(
-        model_name=model_name, test=test_m, train=train_m, val=val_m, history=history,
-        precision=precision, precision_reason=precision_reason, defense=plan.name,
-        time_s=time.perf_counter() - t_start, train_time_s=train_time,
-        images_per_s=images_seen / train_time if train_time > 0 else math.nan,
-        settings=settings, notes=notes, model=net,
-    )
+    name, defaults = _model_defaults(model)
+    device = resolve_device(cfg.device)
+    data = _prepare_data(cfg, train, test, val, device)
+    cfg = _fill_defaults(cfg, defaults, data.n)
+    # Model init, dropout and the data order draw from seeded RNGs; the caller's RNG state is restored after.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        run = _build(model, cfg, data, device)
+        history = _fit(run, data, cfg, progress, name)
+    _select_weights(run)
+    return _result(run, data, cfg, name, history, device, t_start)
 
 
 __all__ = [
-    "GENERIC_DEFAULTS", "VICTIM_DEFAULTS", "Normalize", "VictimDefaults", "VictimResult", "as_labels",
+    "GENERIC_DEFAULTS", "VICTIM_DEFAULTS", "Normalize", "VictimConfig", "VictimDefaults", "VictimResult", "as_labels",
     "as_uint8_images", "evaluate_model", "predict_logits", "train_victim",
 ]
