@@ -5,17 +5,29 @@
 >>> report = salm_fast.evaluate("synthetic", result.release_path, victim="cnn")   # doctest: +SKIP
 >>> print(report.table())                                                          # doctest: +SKIP
 
-``protect`` writes, atomically, into ``out``: the release in the input's format (a
-MedMNIST ``.npz`` that ``medmnist``'s own classes load, or an image folder), a JSON
-summary, a PNG figure (clean | protected | amplified |delta| | mask) and, while it
-runs, the round log and a checkpoint under ``out/work`` (``resume=True`` continues
-an interrupted run to the same bytes). Only the release file is meant to be shared:
-it holds the perturbed images and the untouched splits, no clean copy of the
-perturbed images, no noise and no seed.
+``protect`` is three steps: :func:`plan` checks everything up front (method and its options,
+eps, k, splits, backend, precision, the data, the output and work folders) and writes nothing;
+:func:`fit` computes the perturbation; :func:`write` puts it on the stored bytes, verifies the
+budget there and publishes the output folder ``out`` whole, in one rename::
+
+    out/breastmnist.npz   the release in the input's format (an image folder input: out/images/)
+    out/summary.json      method, options, budget on the stored bytes, quality, precision, time
+    out/protection.png    clean | protected | amplified |delta| | mask
+    out/rounds.jsonl      the bi-level round log (losses, accuracy, time; no noise)
+
+Only the release is meant to be shared: it holds the perturbed images and the untouched
+splits, no clean copy of the perturbed images, no noise and no seed (nor does the summary).
+The checkpoint (it holds the noise) and the live round log are written to a private work
+folder that is never inside ``out`` (default ``<parent>/.<name>.salm-work``, mode 0700;
+``workdir=`` chooses another); ``resume=True`` continues from it to the same bytes, and it
+is deleted once the output is published unless ``keep_checkpoint=True``. An exclusive lock
+beside ``out`` makes a second run into the same output refuse at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,22 +41,28 @@ from .data import (
     SPLITS,
     DataError,
     Dataset,
+    UnwritableOutputError,
     atomic_write_json,
     check_writable,
     load_dataset,
+    make_staging_dir,
     medmnist_filename,
     nchw_to_storage,
+    output_lock,
+    publish_dir,
     save_image_folder,
     save_medmnist,
     storage_to_nchw,
 )
 from .data.atomic import check_writable_dir
-from .methods import METHODS, make_method
-from .release import budget_levels, measure_budget, parse_eps, quantize_release
+from .methods import BiLevelMethod, Method, Protection, check_options, make_method
+from .release import budget_levels, measure_budget, quantize_release
 
 SUMMARY = "summary.json"
 FIGURE = "protection.png"
-WORKDIR = "work"
+ROUND_LOG = "rounds.jsonl"
+CHECKPOINT = "checkpoint.pt"
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -61,6 +79,13 @@ def _resolve_splits(ds: Dataset, splits: str | Sequence[str]) -> list[str]:
         raise ValueError(f"splits {bad or names} not in the dataset (it has {', '.join(ds.splits)}); "
                          "use 'train', a list, or 'all'")
     return names
+
+
+def _check_count(name: str, value: object, minimum: int) -> int:
+    """An integer option (seed, epochs): 1.5, True or '3' is refused, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def machine_info() -> dict[str, Any]:
@@ -85,6 +110,29 @@ def check_out_dir(out: Path) -> None:
     check_writable_dir(existing, out)
 
 
+def check_output(out: Path, replace: bool) -> None:
+    """``out`` may be absent, empty, or (``replace``: overwrite, or a resumed run) a previous salm-fast
+    output (it has a summary.json); it is published by a rename in its parent. Anything else is
+    refused up front: the publishing rename would delete files that are not ours."""
+    if out.is_symlink():
+        raise UnwritableOutputError(f"{out}: is a symbolic link; give the folder it points to")
+    if not out.exists():
+        check_out_dir(out)
+        return
+    if not out.is_dir():
+        raise UnwritableOutputError(f"{out}: exists and is not a directory")
+    check_writable_dir(out.parent, out)
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not (out / SUMMARY).is_file():
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UnwritableOutputError(f"{out}: holds files that are not a salm-fast output ({shown}); the output "
+                                    "is published by replacing the whole folder: choose a new or empty one")
+    if not replace:
+        raise FileExistsError(f"{out}: holds a previous release; pass overwrite=True (--overwrite) to replace it")
+
+
 def release_path_for(ds: Dataset, out: Path) -> Path:
     """Where the release of ``ds`` goes inside ``out``: the input's own format and name."""
     if ds.source and Path(ds.source).is_dir():
@@ -93,7 +141,134 @@ def release_path_for(ds: Dataset, out: Path) -> Path:
     return out / medmnist_filename(ds.name or "dataset", size)
 
 
-# ------------------------------------------------------------------------------ protect
+def work_folder_for(out: Path) -> Path:
+    """The default private work folder of ``out``: beside it, never inside it."""
+    return out.parent / f".{out.name}.salm-work"
+
+
+def _check_workdir(workdir: Path, out: Path) -> None:
+    w, o = workdir.resolve(), out.resolve()
+    if w.is_relative_to(o) or o.is_relative_to(w):
+        raise ValueError(f"workdir {workdir} must lie outside the output folder {out} (and not hold it): "
+                         "the checkpoint in it holds the noise")
+    if workdir.exists() and not workdir.is_dir():
+        raise UnwritableOutputError(f"{workdir}: exists and is not a directory")
+    check_out_dir(workdir)
+
+
+def _check_backend(name: str | None) -> None:
+    if name is None:
+        return
+    status = ops.backend_status(name)  # ValueError naming the backends on an unknown name
+    if not status.available:
+        raise RuntimeError(f"backend {name!r} is unavailable: {status.reason}")
+
+
+def _build_method(method: str, eps: float | str | None, k: int | float | None, seed: int,
+                  precision: str | None, options: dict[str, Any]) -> Method:
+    """The method with its options; ``precision`` goes into a bi-level method's loop config."""
+    cls = check_options(method, options)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if issubclass(cls, BiLevelMethod):
+        loop = options.get("loop") or cls.default_loop()
+        if precision is not None and "loop" in options and loop.precision not in ("auto", precision):
+            raise ValueError(f"precision={precision!r} contradicts loop.precision={loop.precision!r}; give one")
+        if precision is not None:
+            options["loop"] = dataclasses.replace(loop, precision=precision)  # a copy: the caller's is theirs
+    elif precision == "bf16":
+        raise ValueError(f"{method} has no bi-level loop: it computes in fp32, precision bf16 does not apply")
+    return make_method(method, eps=eps, k=k, seed=seed, **options)
+
+
+# ------------------------------------------------------------------------------ protect: plan
+@dataclass(frozen=True)
+class ProtectPlan:
+    """What ``protect`` will do, all of it checked: made by :func:`plan`, run by :func:`fit` and :func:`write`."""
+
+    method: Method
+    data: Dataset
+    splits: tuple[str, ...]
+    out: Path
+    workdir: Path
+    release_name: str  # the release's name inside ``out``
+    backend: str | None = None
+    precision: str = "auto"  # requested; the summary records the one used and why
+    resume: bool = False
+    overwrite: bool = False
+    keep_checkpoint: bool = False
+    figure: bool = True
+    progress: bool = False
+
+    @property
+    def release_path(self) -> Path:
+        return self.out / self.release_name
+
+    @property
+    def may_replace(self) -> bool:
+        """A previous output in ``out`` may be replaced: asked for, or a resumed run continues what made it."""
+        return self.overwrite or (self.resume and (self.workdir / CHECKPOINT).is_file())
+
+
+def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | str | None = None,
+         k: int | float | None = None, splits: str | Sequence[str] = "train", seed: int = 0, resume: bool = False,
+         overwrite: bool = False, progress: bool = False, backend: str | None = None, figure: bool = True,
+         keep_checkpoint: bool = False, workdir: str | Path | None = None, precision: str | None = None,
+         **options: Any) -> ProtectPlan:
+    """Check every argument of :func:`protect` (same signature), the data and the folders; write nothing."""
+    algo = _build_method(method, eps, k, seed, precision, dict(options))
+    _check_backend(backend)
+    ds = _as_dataset(data)
+    chosen = _resolve_splits(ds, splits)
+    algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
+    out = Path(out)
+    workdir = Path(workdir) if workdir is not None else work_folder_for(out)
+    _check_workdir(workdir, out)
+    requested = algo.loop.precision if isinstance(algo, BiLevelMethod) else precision or "auto"
+    job = ProtectPlan(algo, ds, tuple(chosen), out, workdir, release_path_for(ds, out).name, backend, requested,
+                      bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress))
+    check_output(out, job.may_replace)
+    return job
+
+
+# ------------------------------------------------------------------------------ protect: fit
+@dataclass
+class Fitted:
+    """What :func:`fit` computed: the perturbation and the release bytes (uint8, N x C x H x W), not yet written."""
+
+    protection: Protection
+    clean_u8: torch.Tensor
+    release_u8: torch.Tensor
+    counts: list[int]  # images per perturbed split, in the plan's order
+    seconds: float
+
+
+def _prepare_workdir(job: ProtectPlan) -> None:
+    """The private work folder (0700: the checkpoint holds the noise); a fresh run starts it empty."""
+    if not job.workdir.exists():
+        job.workdir.mkdir(parents=True)
+        job.workdir.chmod(0o700)
+    if not job.resume:  # an earlier run's files must not pass for this run's (its log would be published)
+        for name in (CHECKPOINT, ROUND_LOG):
+            (job.workdir / name).unlink(missing_ok=True)
+
+
+def fit(job: ProtectPlan) -> Fitted:
+    """Run the method on the plan's splits; the checkpoint and round log go to the work folder."""
+    ds = job.data
+    counts = [len(ds[s]) for s in job.splits]
+    clean_u8 = torch.cat([storage_to_nchw(ds[s].images) for s in job.splits])
+    labels = torch.cat([torch.from_numpy(np.array(ds[s].labels[:, 0])) for s in job.splits]).long()
+    _prepare_workdir(job)
+    t0 = time.perf_counter()
+    with ops.use_backend(job.backend):
+        protection = job.method.fit(clean_u8.float() / 255, labels, ds.n_classes, workdir=job.workdir,
+                                    resume=job.resume, progress=job.progress)
+        release_u8 = quantize_release(clean_u8, protection.delta, job.method.eps)
+    return Fitted(protection, clean_u8, release_u8, counts, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------ protect: write
 @dataclass
 class ProtectResult:
     """What ``protect`` produced; ``summary`` is also written as JSON beside the release."""
@@ -115,110 +290,26 @@ class ProtectResult:
                     f", budget {b['l2_budget']:.3f}" if b.get("l2_budget") is not None else ""))]
                   if "l2_max" in b else []),
                 ("PSNR / SSIM", f"{s['quality']['psnr_db']:.1f} dB / {s['quality']['ssim']:.4f}"),
+                ("precision", f"{s['precision']['used']} (requested {s['precision']['requested']})"),
                 ("time", f"{s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s)"),
                 ("release", str(self.release_path))]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | None = None,
-            k: int | float | None = None, splits: str | Sequence[str] = "train", seed: int = 0,
-            resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
-            figure: bool = True, keep_checkpoint: bool = False, **options: Any) -> ProtectResult:
-    """Protect ``data`` with ``method``; write the release, a summary and a figure into ``out``.
-
-    ``eps``: the L-inf budget in [0, 1] units; None: the method's default (8/255; 1.0 for
-    ``ops``, and for ``lsp`` in its L2 mode). ``k`` (masked methods): pixels per image (int)
-    or fraction of H*W (float); None: the method's default (SALM 0.1, ``ops`` 1).
-    ``splits``: which splits to perturb ("train", a list, or "all").
-    Everything is checked before any work starts; nothing is written on bad input.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if eps is not None:
-        eps = parse_eps(eps)
-    if k is None and METHODS[method].masked:
-        k = METHODS[method].default_k
-    if k is not None:
-        options["k"] = k
-    algo = make_method(method, eps=eps, seed=seed, **options)  # validates the options
-    eps = algo.eps  # eps=None: the method's default
-    with ops.use_backend(backend):
-        pass  # validates the backend before the long part
-    ds = _as_dataset(data)
-    chosen = _resolve_splits(ds, splits)
-    algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
-    out = Path(out)
-    check_out_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    target = release_path_for(ds, out)
-    check_writable(out / SUMMARY, overwrite=True)
-    if target.exists() and not (overwrite or (resume and (out / WORKDIR / "checkpoint.pt").exists())):
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-
-    counts = [len(ds[s]) for s in chosen]
-    clean_u8 = torch.cat([storage_to_nchw(ds[s].images) for s in chosen])
-    labels = torch.cat([torch.from_numpy(np.array(ds[s].labels[:, 0])) for s in chosen]).long()
-    x = clean_u8.float() / 255
-
-    t0 = time.perf_counter()
-    with ops.use_backend(backend):
-        protection = algo.fit(x, labels, ds.n_classes, workdir=out / WORKDIR, resume=resume, progress=progress)
-        release_u8 = quantize_release(clean_u8, protection.delta, eps)
-    seconds = time.perf_counter() - t0
-
-    released = ds
-    budget, quality = {}, {}
-    for name, part, clean_part in zip(chosen, release_u8.split(counts), clean_u8.split(counts)):
-        stored = nchw_to_storage(part)
-        released = released.replace_split(name, stored)
-        budget[name] = measure_budget(ds[name].images, released[name].images).as_dict()
-    _verify_budget(algo, budget, eps, x.shape[2] * x.shape[3])
-    extra_budget = algo.check_release(clean_u8, release_u8)  # e.g. LSP's L2 bound on the stored bytes
-    quality = _quality(clean_u8, release_u8)
-
-    summary = {
-        "method": method,
-        "paper": algo.paper,
-        "norm": algo.norm,
-        "options": algo.options(),
-        "dataset": {"name": ds.name, "source": ds.source, "n_classes": ds.n_classes, "channels": ds.channels,
-                    "image_shape": list(ds.image_shape), "splits": {s: len(ds[s]) for s in ds.splits}},
-        "splits": chosen,
-        "images": int(len(x)),
-        "eps": eps,
-        "budget_levels": budget_levels(eps),
-        "budget": {**_merge_budget(budget), **extra_budget},
-        "budget_per_split": budget,
-        "quality": quality,
-        "seconds": seconds,
-        "images_per_second": len(x) / seconds if seconds > 0 else 0.0,
-        "backend": backend or "default",
-        "protection": {k_: v for k_, v in protection.info.items() if k_ != "history"},
-        "machine": machine_info(),
-        "files": {"release": target.name, "figure": FIGURE if figure else None},
-    }
-    if target.suffix == ".npz":
-        save_medmnist(released, target, overwrite=True)
-    else:
-        save_image_folder(released, target, overwrite=True)
-    if figure:
-        from .figures import protection_figure
-
-        first = chosen[0]
-        protection_figure(ds[first].images, released[first].images, protection.mask[: counts[0]],
-                          ds[first].labels[:, 0], out / FIGURE, class_names=ds.label_names,
-                          title=f"{method}: eps {budget_levels(eps)}/255"
-                                + (f", k {k}" if k is not None else ""))
-    atomic_write_json(out / SUMMARY, summary)
-    if not keep_checkpoint:  # it holds the noise: never leave it beside a release by accident
-        (out / WORKDIR / "checkpoint.pt").unlink(missing_ok=True)
-    return ProtectResult(released, target, summary, protection.delta, protection.mask)
+def _release(job: ProtectPlan, fitted: Fitted) -> tuple[Dataset, dict[str, dict]]:
+    """The released dataset, and the budget measured on its stored bytes per perturbed split (verified)."""
+    released, per_split = job.data, {}
+    for name, part in zip(job.splits, fitted.release_u8.split(fitted.counts)):
+        released = released.replace_split(name, nchw_to_storage(part))
+        per_split[name] = measure_budget(job.data[name].images, released[name].images).as_dict()
+    _verify_budget(job.method, per_split, fitted.clean_u8.shape[2] * fitted.clean_u8.shape[3])
+    return released, per_split
 
 
-def _verify_budget(algo, budget: dict, eps: float, hw: int) -> None:
+def _verify_budget(algo: Method, budget: dict, hw: int) -> None:
     """The budget must hold on the stored bytes; a violation is a bug, never a warning."""
-    levels = budget_levels(eps)
+    levels = budget_levels(algo.eps)
     for name, b in budget.items():
         if b["linf_levels"] > levels:
             raise RuntimeError(f"{name}: stored L-inf {b['linf_levels']}/255 exceeds the budget {levels}/255 (a bug)")
@@ -239,10 +330,133 @@ def _merge_budget(budget: dict) -> dict:
     }
 
 
+def _without_seed(obj: Any) -> Any:
+    """``obj`` with every ``seed`` key removed: the seed regenerates the noise, it never goes beside a release."""
+    if isinstance(obj, dict):
+        return {k: _without_seed(v) for k, v in obj.items() if k != "seed"}
+    return obj
+
+
+def _precision(job: ProtectPlan, info: dict[str, Any]) -> dict[str, str | None]:
+    if not isinstance(job.method, BiLevelMethod):
+        return {"requested": job.precision, "used": "fp32",
+                "reason": f"{job.method.name} has no bi-level loop; it computes in fp32"}
+    # The loop's choice, or the one restored from the checkpoint on resume ("auto" may time bf16 vs fp32).
+    return {"requested": job.precision, "used": info.get("precision"),
+            "reason": info.get("precision_reason", "not reported by the method")}
+
+
+def _summary(job: ProtectPlan, fitted: Fitted, per_split: dict[str, dict], round_log: bool) -> dict[str, Any]:
+    algo, ds, n = job.method, job.data, len(fitted.clean_u8)
+    info = fitted.protection.info
+    return {
+        "method": algo.name, "paper": algo.paper, "norm": algo.norm,
+        "options": _without_seed(algo.options()),
+        "dataset": {"name": ds.name, "source": Path(ds.source).name if ds.source else "",  # no directories
+                    "n_classes": ds.n_classes, "channels": ds.channels, "image_shape": list(ds.image_shape),
+                    "splits": {s: len(ds[s]) for s in ds.splits}},
+        "splits": list(job.splits),
+        "images": n,
+        "eps": algo.eps,
+        "budget_levels": budget_levels(algo.eps),
+        "budget": {**_merge_budget(per_split), **algo.check_release(fitted.clean_u8, fitted.release_u8)},
+        "budget_per_split": per_split,
+        "quality": _quality(fitted.clean_u8, fitted.release_u8),
+        "seconds": fitted.seconds,
+        "images_per_second": n / fitted.seconds if fitted.seconds > 0 else 0.0,
+        "backend": job.backend or "default",
+        "precision": _precision(job, info),
+        "protection": _without_seed({k: v for k, v in info.items()
+                                     if k not in ("history", "precision", "precision_reason")}),
+        "machine": machine_info(),
+        "files": {"release": job.release_name, "figure": FIGURE if job.figure else None,
+                  "round_log": ROUND_LOG if round_log else None},
+    }
+
+
 def _quality(clean_u8: torch.Tensor, release_u8: torch.Tensor) -> dict[str, float]:
     from .victims.metrics import perturbation_metrics
 
     return perturbation_metrics(clean_u8, release_u8)
+
+
+def _draw(job: ProtectPlan, fitted: Fitted, released: Dataset, path: Path) -> None:
+    from .figures import protection_figure
+
+    ds, first, algo = job.data, job.splits[0], job.method
+    title = f"{algo.name}: eps {budget_levels(algo.eps)}/255" + (f", k {algo.k}" if algo.k is not None else "")
+    protection_figure(ds[first].images, released[first].images, fitted.protection.mask[: fitted.counts[0]],
+                      ds[first].labels[:, 0], path, class_names=ds.label_names, title=title)
+
+
+def _finish_workdir(job: ProtectPlan) -> None:
+    """After a published run the checkpoint goes (it holds the noise), unless it is to be kept."""
+    if job.keep_checkpoint:
+        return
+    if job.workdir == work_folder_for(job.out):  # ours alone
+        shutil.rmtree(job.workdir, ignore_errors=True)
+        return
+    for name in (CHECKPOINT, ROUND_LOG):  # a folder the caller chose: only our files
+        (job.workdir / name).unlink(missing_ok=True)
+
+
+def write(job: ProtectPlan, fitted: Fitted) -> ProtectResult:
+    """Build the whole output in a private staging folder beside ``out`` and publish it in one rename;
+    on any failure nothing is published (an existing ``out`` is untouched) and the checkpoint stays
+    in the work folder for ``resume``."""
+    released, per_split = _release(job, fitted)
+    log = job.workdir / ROUND_LOG
+    round_log = isinstance(job.method, BiLevelMethod) and log.is_file()
+    summary = _summary(job, fitted, per_split, round_log)
+    staging = make_staging_dir(job.out, "salm-staging")
+    try:
+        if job.release_name.endswith(".npz"):
+            save_medmnist(released, staging / job.release_name)
+        else:
+            save_image_folder(released, staging / job.release_name)
+        if job.figure:
+            _draw(job, fitted, released, staging / FIGURE)
+        if round_log:
+            shutil.copyfile(log, staging / ROUND_LOG)
+        atomic_write_json(staging / SUMMARY, summary)
+        publish_dir(staging, job.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _finish_workdir(job)
+    return ProtectResult(released, job.release_path, summary, fitted.protection.delta, fitted.protection.mask)
+
+
+def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | str | None = None,
+            k: int | float | None = None, splits: str | Sequence[str] = "train", seed: int = 0,
+            resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
+            figure: bool = True, keep_checkpoint: bool = False, workdir: str | Path | None = None,
+            precision: str | None = None, **options: Any) -> ProtectResult:
+    """Protect ``data`` with ``method``; publish the release, a summary, a figure and the round log as ``out``.
+
+    ``eps``: the L-inf budget, a fraction ``"8/255"`` or a number below 1 (``release.parse_eps``);
+    None: the method's default (8/255; 1.0 for ``ops``, and for ``lsp`` in its L2 mode). ``k``
+    (masked methods): pixels per image (int) or fraction of H*W (float); None: the method's
+    default. ``splits``: which splits to perturb ("train", a list, or "all"). ``out``: absent,
+    empty, or (``overwrite=True``) a previous output, replaced whole. ``workdir``: the private
+    folder for the checkpoint and round log (default ``<parent>/.<name>.salm-work``).
+    ``precision``: the surrogate's, ``auto`` | ``fp32`` | ``bf16`` (bi-level methods; None: the
+    loop config's, ``auto`` by default); the summary records the one used and why.
+    Everything is checked before any work starts; nothing is written on bad input.
+    """
+    job = plan(data, method, out=out, eps=eps, k=k, splits=splits, seed=seed, resume=resume, overwrite=overwrite,
+               progress=progress, backend=backend, figure=figure, keep_checkpoint=keep_checkpoint, workdir=workdir,
+               precision=precision, **options)
+    for folder in (job.out, job.workdir):  # the locks live beside them
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(job.out), output_lock(job.workdir):
+        check_output(job.out, job.may_replace)  # again under the lock: another run may have published meanwhile
+        try:
+            return write(job, fit(job))
+        except BaseException:
+            if job.workdir == work_folder_for(job.out) and job.workdir.is_dir() and not any(job.workdir.iterdir()):
+                job.workdir.rmdir()  # nothing to resume from: no empty folder left behind
+            raise
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -286,6 +500,15 @@ def _check_pair(clean: Dataset, release: Dataset) -> None:
         raise DataError("release train labels differ from the clean labels: not a release of this dataset")
 
 
+def _write_evaluation(res: EvaluationResult, out: Path) -> None:
+    from .figures import learning_curves
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "evaluation.json", res.as_dict())
+    learning_curves({"clean": res.clean["history"], "release": res.release["history"]},
+                    out / "learning_curves.png", title=f"{res.victim} ({res.defense})")
+
+
 def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, victim: str = "resnet18",
              defense: str | None = None, augment: str = "crop_flip", epochs: int | None = None, seed: int = 0,
              precision: str = "auto", out: str | Path | None = None, progress: bool = False,
@@ -302,7 +525,9 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
 
     if victim not in MODELS:
         raise ValueError(f"unknown victim {victim!r}; choose one of {', '.join(MODELS)}")
-    plan = parse_defenses(defense)  # validates the names before any training
+    seed = _check_count("seed", seed, 0)
+    epochs = None if epochs is None else _check_count("epochs", epochs, 1)
+    defenses = parse_defenses(defense)  # validates the names before any training
     if out is not None:  # created only once everything is checked
         check_out_dir(Path(out))
         if Path(out).is_dir():
@@ -324,16 +549,9 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
         runs[name] = result.to_dict()
     pert = perturbation_metrics(storage_to_nchw(clean_ds["train"].images),
                                 storage_to_nchw(release_ds["train"].images))
-    res = EvaluationResult(victim, plan.name, runs["clean"], runs["release"], pert, prec,
+    res = EvaluationResult(victim, defenses.name, runs["clean"], runs["release"], pert, prec,
                            {"seed": seed, "augment": augment, "precision_reason": reason,
                             "machine": machine_info()})
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "evaluation.json", res.as_dict())
-        from .figures import learning_curves
-
-        learning_curves({"clean": runs["clean"]["history"], "release": runs["release"]["history"]},
-                        out / "learning_curves.png", title=f"{victim} ({plan.name})")
+        _write_evaluation(res, Path(out))
     return res
-

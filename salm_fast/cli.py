@@ -4,16 +4,16 @@
     salm-fast protect --data X.npz --method salm --eps 8/255 --k 0.2 --out DIR
     salm-fast evaluate --clean X.npz --release DIR/X.npz --victim resnet18 [--defense jpeg-10]
     salm-fast backends                               # which kernel backends run here, and why not
-    salm-fast bench kernels                          # from a source checkout: kernel benchmarks
 
-Bad input gets one line on stderr naming the problem, exit status 2, and nothing written.
+The benchmarks are not part of the package: from a source checkout, ``python -m bench kernels``
+(or ``make bench``). Bad input gets one line on stderr naming the problem, exit status 2, and
+nothing written.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
@@ -31,14 +31,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_eps(text: str) -> float:
-    """'8/255', '0.0314' or '8' (levels, when > 1) -> a budget in [0, 1] units."""
+    """'8/255' or '0.0314' -> a budget in [0, 1] units, by the one rule :func:`salm_fast.release.parse_eps`
+    (a bare '1', '2' or '1.5' is ambiguous and refused, naming both spellings)."""
+    from .release import parse_eps as parse
+
     try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r} (e.g. 8/255)") from None
-    if value > 1:
-        value = value / 255  # '8' means 8 levels of 255
-    return value
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_k(text: str) -> int | float:
@@ -73,7 +73,7 @@ def cmd_protect(args) -> int:
     result = protect(args.data, args.method, out=args.out, eps=args.eps, k=args.k, splits=args.splits,
                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                      backend=args.backend, figure=not args.no_figure, keep_checkpoint=args.keep_checkpoint,
-                     **options)
+                     workdir=args.workdir, precision=args.precision, **options)
     print(result.table())
     print(f"summary: {Path(args.out) / 'summary.json'}")
     return 0
@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     data = "synthetic:n=1500,seed=0"
-    print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM, eps 8/255, k 10% ...", flush=True)
+    print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM, eps 8/255, k 20% ...", flush=True)
     result = protect(data, "salm", out=out, eps=8 / 255, k=0.2, overwrite=True, progress=not args.quiet)
     print(result.table())
     print(f"\n2/2 training a victim ({args.victim}) on the clean data and on the release ...", flush=True)
@@ -139,34 +139,23 @@ def cmd_backends(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "__main__.py").exists():
-        raise UsageError("the benchmarks live in the source tree's bench/ folder: run from a clone of salm-fast")
-    sys.path.insert(0, str(root))
-    from bench.__main__ import main as bench_main  # type: ignore[import-not-found]
-
-    return int(bench_main(args.rest) or 0)
-
-
 # ------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
+_PRECISIONS = ["auto", "fp32", "bf16"]
+
+
+def _add_protect(sub) -> None:
     from .methods import METHODS
-    from .models import MODELS
     from .ops import BACKENDS
 
-    p = _Parser(prog="salm-fast", description="Protect medical image datasets from unauthorized "
-                "training (unlearnable examples with sparse saliency masks).")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    pr = sub.add_parser("protect", help="perturb a dataset; write the release, a summary and a figure")
+    pr = sub.add_parser("protect", help="perturb a dataset; publish the release, a summary and a figure")
     pr.add_argument("--data", required=True, help="MedMNIST .npz, an image folder with labels.csv, or 'synthetic'")
     pr.add_argument("--method", default="salm", choices=sorted(METHODS))
-    pr.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget: 8/255, 0.03 or 8 (levels); "
-                    "default: the method's (8/255; 1.0 for ops and for lsp's L2 mode)")
+    pr.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget: a fraction 8/255 or a number below 1 "
+                    "(0.03); default: the method's (8/255; 1.0 for ops and for lsp's L2 mode)")
     pr.add_argument("--k", type=parse_k, default=None, help="masked methods: pixels per image (80) or fraction "
                     "(0.1, 10%%); SALM default 0.2")
-    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--out", required=True, help="output folder (new, empty, or a previous output with --overwrite), "
+                    "published whole: the release, summary.json, protection.png, rounds.jsonl")
     pr.add_argument("--splits", default="train", help="'train' (default), 'all', or a comma list")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--rounds", type=int, default=None, help="cap on bi-level rounds")
@@ -175,44 +164,55 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--classes", type=parse_classes, default=None, help="SALM: protect only these classes (0,2)")
     pr.add_argument("--poison-ratio", type=float, default=None, help="SALM: fraction of images to perturb")
     pr.add_argument("--backend", choices=list(BACKENDS), default=None, help="force a kernel backend")
-    pr.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/work")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing release in OUT")
-    pr.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/work/checkpoint.pt (holds the noise)")
+    pr.add_argument("--precision", choices=_PRECISIONS, default=None,
+                    help="the surrogate's precision in the bi-level loop (default auto: from the CPU); "
+                         "the summary records the one used and why")
+    pr.add_argument("--workdir", default=None, help="private folder for the checkpoint and round log while the run "
+                    "lasts (default: .OUT.salm-work beside OUT; never inside OUT)")
+    pr.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work folder")
+    pr.add_argument("--overwrite", action="store_true", help="replace a previous salm-fast output in OUT")
+    pr.add_argument("--keep-checkpoint", action="store_true",
+                    help="keep the work folder's checkpoint.pt after success (it holds the noise: never share it)")
     pr.add_argument("--no-figure", action="store_true")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_protect)
 
+
+def _add_evaluate_and_demo(sub, victims: list[str]) -> None:
     ev = sub.add_parser("evaluate", help="train a victim on clean vs released data; print the table")
     ev.add_argument("--clean", required=True, help="the clean dataset (its test split is the judge)")
     ev.add_argument("--release", required=True, help="the released dataset")
-    ev.add_argument("--victim", default="resnet18", choices=sorted(MODELS))
+    ev.add_argument("--victim", default="resnet18", choices=victims)
     ev.add_argument("--defense", default=None, help="counter-measures joined by '+', e.g. jpeg-10, cutout+mixup, adv-8")
     ev.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
     ev.add_argument("--epochs", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ev.add_argument("--precision", default="auto", choices=_PRECISIONS)
     ev.add_argument("--out", default=None, help="folder for evaluation.json and learning_curves.png")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
     de = sub.add_parser("demo", help="synthetic data: protect with SALM, evaluate a small victim, print the table")
     de.add_argument("--out", default="salm-fast-demo")
-    de.add_argument("--victim", default="cnn", choices=sorted(MODELS))
+    de.add_argument("--victim", default="cnn", choices=victims)
     de.add_argument("--epochs", type=int, default=15)
     de.add_argument("--quiet", action="store_true")
     de.set_defaults(func=cmd_demo)
 
+
+def _add_experiment_and_report(sub, victims: list[str]) -> None:
     ex = sub.add_parser("experiment", help="a cached, resumable grid: datasets x methods x victims x defenses x seeds")
     ex.add_argument("--root", required=True, help="folder for releases, cells and the results table")
     ex.add_argument("--datasets", nargs="+", required=True, help="dataset paths or specs (e.g. synthetic)")
     ex.add_argument("--methods", nargs="+", required=True,
                     help="method specs: clean, salm, salm:k=0.05, salm:k=0.1,noise=pgd, samplewise, random, ...")
-    ex.add_argument("--victims", nargs="+", default=["resnet18"], choices=sorted(MODELS))
-    ex.add_argument("--defenses", nargs="+", default=["none"], help="none, jpeg-10, cutout, mixup+crop_flip, adv-8, ...")
+    ex.add_argument("--victims", nargs="+", default=["resnet18"], choices=victims)
+    ex.add_argument("--defenses", nargs="+", default=["none"],
+                    help="none, jpeg-10, cutout, mixup+crop_flip, adv-8, ...")
     ex.add_argument("--seeds", nargs="+", type=int, default=[0])
     ex.add_argument("--epochs", type=int, default=None)
     ex.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
-    ex.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ex.add_argument("--precision", default="auto", choices=_PRECISIONS)
     ex.add_argument("--report", action="store_true", help="write ROOT/report/report.md when done")
     ex.add_argument("--quiet", action="store_true")
     ex.set_defaults(func=cmd_experiment)
@@ -222,12 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="report folder (default ROOT/report)")
     rp.set_defaults(func=cmd_report)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import MODELS
+
+    p = _Parser(prog="salm-fast", description="Protect medical image datasets from unauthorized "
+                "training (unlearnable examples with sparse saliency masks).",
+                epilog="Benchmarks: from a source checkout, python -m bench kernels|speed|real (or make bench).")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_protect(sub)
+    _add_evaluate_and_demo(sub, sorted(MODELS))
+    _add_experiment_and_report(sub, sorted(MODELS))
     be = sub.add_parser("backends", help="which kernel backends can run here")
     be.set_defaults(func=cmd_backends)
-
-    bn = sub.add_parser("bench", help="benchmarks (source checkout): kernels, ...")
-    bn.add_argument("rest", nargs=argparse.REMAINDER)
-    bn.set_defaults(func=cmd_bench)
     return p
 
 

@@ -159,7 +159,7 @@ def test_protect_resume_reaches_the_same_release_bytes(data, tmp_path, monkeypat
         with pytest.raises(Killed):
             protect(ds, "salm", out=tmp_path / "killed", **{**opts, "loop": loop(3)})
     assert not (tmp_path / "killed" / full.release_path.name).exists()  # no release from a killed run
-    assert (tmp_path / "killed" / "work" / "checkpoint.pt").exists()
+    assert (tmp_path / ".killed.salm-work" / "checkpoint.pt").exists()
 
     resumed = protect(ds, "salm", out=tmp_path / "killed", resume=True, keep_checkpoint=True,
                       **{**opts, "loop": loop(3)})
@@ -167,8 +167,8 @@ def test_protect_resume_reaches_the_same_release_bytes(data, tmp_path, monkeypat
     for split in ds.splits:
         assert a[split].images.tobytes() == b[split].images.tobytes()
         assert a[split].labels.tobytes() == b[split].labels.tobytes()
-    assert (tmp_path / "killed" / "work" / "checkpoint.pt").exists()  # kept on request
-    assert not (tmp_path / "full" / "work" / "checkpoint.pt").exists()  # deleted by default
+    assert (tmp_path / ".killed.salm-work" / "checkpoint.pt").exists()  # kept on request
+    assert not (tmp_path / ".full.salm-work" / "checkpoint.pt").exists()  # deleted by default
 
     # Resuming a finished run does no more rounds and gives the same bytes again
     again = protect(ds, "salm", out=tmp_path / "killed", resume=True, keep_checkpoint=True,

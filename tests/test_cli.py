@@ -29,7 +29,7 @@ def assert_one_line_error(capsys, rc: int, *needles: str) -> str:
 
 # ------------------------------------------------------------------------------ value parsers
 @pytest.mark.parametrize(("text", "value"), [("8/255", 8 / 255), (" 4/255 ", 4 / 255), ("0.03", 0.03),
-                                             ("8", 8 / 255), ("16", 16 / 255), ("1", 1.0)])
+                                             ("255/255", 1.0), ("1/1", 1.0)])
 def test_parse_eps(text, value):
     assert parse_eps(text) == pytest.approx(value, rel=1e-12)
 
@@ -37,6 +37,12 @@ def test_parse_eps(text, value):
 @pytest.mark.parametrize("text", ["abc", "8/0", "", "8/255/2"])
 def test_parse_eps_refuses_non_numbers(text):
     with pytest.raises(argparse.ArgumentTypeError, match="8/255"):
+        parse_eps(text)
+
+
+@pytest.mark.parametrize("text", ["1", "2", "1.5", "8"])
+def test_parse_eps_refuses_a_bare_number_of_one_or_more(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"ambiguous: write {text}/255 .* below 1"):
         parse_eps(text)
 
 
@@ -69,11 +75,34 @@ def test_protect_runs_prints_the_table_and_writes_the_release(tmp_path, capsys):
     assert captured.err == ""  # --quiet: no progress bar
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "salm" and summary["options"]["noise"] == "pgd"
-    assert summary["protection"]["rounds"] == 1 and summary["options"]["seed"] == 3
+    assert summary["protection"]["rounds"] == 1 and "seed" not in summary["options"]
     assert summary["budget"]["linf_levels"] <= budget_levels(8 / 255)
     assert summary["budget"]["l0_max_per_image"] <= round(0.1 * 28 * 28)
     assert load_medmnist(out / "synthetic.npz")["train"].images.shape == (84, 28, 28)
     assert not (out / "protection.png").exists()
+
+
+def test_protect_failure_publishes_nothing_and_resume_continues(tmp_path, capsys, monkeypatch):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["protect", "--data", TINY, "--method", "samplewise", "--rounds", "2", "--eps", "8/255", "--out", str(out),
+            "--workdir", str(work), "--precision", "fp32", "--quiet"]
+    with monkeypatch.context() as m:
+        def blocked(*a, **kw):
+            raise PermissionError(13, "Permission denied", "protection.png")
+
+        m.setattr("salm_fast.figures.protection_figure", blocked)
+        assert_one_line_error(capsys, main(args), "Permission denied")
+    assert not out.exists() and (work / "checkpoint.pt").is_file()
+    rc = main([*args, "--resume", "--keep-checkpoint"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["protection.png", "rounds.jsonl", "summary.json",
+                                                     "synthetic.npz"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protection"]["rounds"] == 2 and summary["precision"]["used"] == "fp32"
+    assert (work / "checkpoint.pt").is_file()  # kept on request, outside OUT
+    rc = main([*args, "--overwrite"])
+    assert rc == 0, capsys.readouterr().err
+    assert list(work.iterdir()) == []  # a chosen work folder stays, without the checkpoint
 
 
 def test_evaluate_prints_both_rows(tmp_path, capsys):
@@ -106,6 +135,12 @@ def test_backends_lists_every_backend(capsys):
     (["--eps", "0"], ["eps"]),
     (["--eps", "300"], ["eps"]),
     (["--eps", "abc"], ["--eps", "8/255"]),
+    (["--eps", "1"], ["--eps", "ambiguous", "1/255"]),
+    (["--eps", "2"], ["--eps", "ambiguous", "2/255"]),
+    (["--eps", "1.5"], ["--eps", "ambiguous", "1.5/255"]),
+    (["--precision", "fp8"], ["--precision"]),
+    (["--method", "random", "--precision", "bf16"], ["no bi-level loop"]),
+    (["--seed", "1.5"], ["--seed"]),
     (["--k", "2.0"], ["k"]),
     (["--k", "0"], ["k"]),
     (["--k", "785"], ["k", "784"]),
@@ -150,6 +185,7 @@ def test_evaluate_bad_input_is_one_line(args, needles, tmp_path, capsys):
 def test_usage_errors_are_one_line(capsys):
     assert_one_line_error(capsys, main([]), "command")
     assert_one_line_error(capsys, main(["frobnicate"]), "frobnicate")
+    assert_one_line_error(capsys, main(["bench", "kernels"]), "bench")  # python -m bench, from a checkout
     assert_one_line_error(capsys, main(["protect", "--data", TINY]), "--out")
     with pytest.raises(SystemExit) as exc:  # --help still prints help and exits 0
         main(["protect", "--help"])

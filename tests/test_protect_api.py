@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import pickle
+import stat
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -57,7 +62,8 @@ def test_protect_writes_a_complete_set_of_outputs(breast_file, ds, tmp_path):
     out = tmp_path / "out"
     res = protect(breast_file, "salm", out=out, eps=EPS, k=0.1, seed=0, loop=tiny_loop(), **SALM_FAST)
     assert res.release_path == out / "breastmnist.npz"
-    assert sorted(snapshot(out)) == ["breastmnist.npz", "protection.png", "summary.json", "work", "work/rounds.jsonl"]
+    assert sorted(snapshot(out)) == ["breastmnist.npz", "protection.png", "rounds.jsonl", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no work folder, lock or staging left
     assert is_png(out / "protection.png")
 
     summary = json.loads((out / "summary.json").read_text())
@@ -72,7 +78,12 @@ def test_protect_writes_a_complete_set_of_outputs(breast_file, ds, tmp_path):
     assert {"cpu", "threads", "torch"} <= set(summary["machine"])
     assert summary["quality"]["psnr_db"] > 30 and 0.9 < summary["quality"]["ssim"] <= 1
     assert "history" not in summary["protection"]
-    assert len((out / "work" / "rounds.jsonl").read_text().splitlines()) == summary["protection"]["rounds"] == 1
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == summary["protection"]["rounds"] == 1
+    assert summary["files"] == {"release": "breastmnist.npz", "figure": "protection.png", "round_log": "rounds.jsonl"}
+    assert summary["dataset"]["source"] == "breastmnist.npz"  # the file name, no directories
+    assert str(tmp_path) not in (out / "summary.json").read_text()
+    assert summary["precision"]["used"] in ("fp32", "bf16") and summary["precision"]["requested"] == "auto"
+    assert summary["precision"]["reason"] and "not reported" not in summary["precision"]["reason"]
 
     with np.load(res.release_path, allow_pickle=False) as z:  # images and labels only: no noise, seed, clean copy
         assert sorted(z.files) == sorted(f"{s}_{kind}" for s in ("train", "val", "test")
@@ -100,12 +111,28 @@ def test_release_loads_with_medmnists_own_class(breast_file, tmp_path):
     assert not np.array_equal(BreastMNIST(split="train", root=str(out)).imgs, clean["train"].images)
 
 
-def test_checkpoint_is_deleted_unless_kept(ds, tmp_path):
+def test_checkpoint_lives_in_the_work_folder_and_is_deleted_unless_kept(ds, tmp_path):
     opts = dict(eps=EPS, seed=0, steps=1, loop=tiny_loop(), figure=False)
     protect(ds, "samplewise", out=tmp_path / "a", **opts)
-    assert not (tmp_path / "a" / "work" / "checkpoint.pt").exists()
-    protect(ds, "samplewise", out=tmp_path / "b", keep_checkpoint=True, **{**opts, "loop": tiny_loop()})
-    assert (tmp_path / "b" / "work" / "checkpoint.pt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the work folder went with the checkpoint
+    protect(ds, "samplewise", out=tmp_path / "b", keep_checkpoint=True, **opts)
+    work = tmp_path / ".b.salm-work"
+    assert (work / "checkpoint.pt").is_file() and stat.S_IMODE(work.stat().st_mode) == 0o700
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert "checkpoint.pt" not in snapshot(out)
+
+
+def test_a_chosen_work_folder_keeps_its_other_files(ds, tmp_path):
+    work = tmp_path / "scratch"
+    work.mkdir()
+    (work / "mine.txt").write_text("not salm-fast's")
+    opts = dict(eps=EPS, seed=0, steps=1, loop=tiny_loop(), figure=False, workdir=work)
+    protect(ds, "samplewise", out=tmp_path / "out", keep_checkpoint=True, **opts)
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "mine.txt", "rounds.jsonl"]
+    protect(ds, "samplewise", out=tmp_path / "out", overwrite=True, resume=True, **opts)
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
+    with pytest.raises(ValueError, match="outside the output folder"):
+        protect(ds, "samplewise", out=tmp_path / "out", overwrite=True, **{**opts, "workdir": tmp_path / "out" / "w"})
 
 
 def test_overwrite_replaces_an_existing_release(ds, tmp_path):
@@ -138,6 +165,127 @@ def test_image_folder_in_image_folder_out(ds, tmp_path):
     np.testing.assert_array_equal(rel["train"].labels, clean["train"].labels)
 
 
+# ------------------------------------------------------------------------------ the output is published whole
+def _fail(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("where", ["figure", "summary"])
+def test_a_failure_after_the_release_publishes_nothing_and_resume_finishes(where, ds, tmp_path, monkeypatch):
+    opts = dict(eps=EPS, seed=0, steps=1, loop=tiny_loop(2))
+    full = protect(ds, "samplewise", out=tmp_path / "full", **opts)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        if where == "figure":
+            m.setattr("salm_fast.figures.protection_figure", _fail)
+        else:
+            m.setattr("salm_fast.api.atomic_write_json", _fail)
+        with pytest.raises(OSError, match="No space left"):
+            protect(ds, "samplewise", out=out, **opts)
+    assert not out.exists()  # no release without its summary, no checkpoint beside a release
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.salm-work", "full"]  # no staging, no lock
+    assert (tmp_path / ".out.salm-work" / "checkpoint.pt").is_file()
+
+    resumed = protect(ds, "samplewise", out=out, resume=True, **opts)
+    assert resumed.summary["protection"]["rounds"] == 2
+    assert load_medmnist(resumed.release_path)["train"].images.tobytes() == full.release["train"].images.tobytes()
+    assert sorted(snapshot(out)) == ["protection.png", "rounds.jsonl", "summary.json", "synthetic.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "out"]
+
+
+def test_a_failed_overwrite_leaves_the_previous_output_untouched(ds, tmp_path, monkeypatch):
+    protect(ds, "random", out=tmp_path / "out", eps=EPS, seed=0)
+    before = snapshot(tmp_path / "out")
+    monkeypatch.setattr("salm_fast.api.atomic_write_json", _fail)
+    with pytest.raises(OSError, match="No space left"):
+        protect(ds, "random", out=tmp_path / "out", eps=EPS, seed=1, overwrite=True)
+    assert snapshot(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_output_folder_holding_other_files_is_refused(ds, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="not a salm-fast output .*notes.txt"):
+            protect(ds, "random", out=out, eps=EPS, overwrite=overwrite)
+    assert snapshot(out) == {"notes.txt": b"mine"} and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match="symbolic link"):
+        protect(ds, "random", out=tmp_path / "link", eps=EPS)
+
+
+def test_a_second_run_into_the_same_output_refuses_while_the_first_holds_it(breast_file, tmp_path, monkeypatch):
+    import salm_fast.api as api
+
+    out = tmp_path / "out"
+    started, finish = threading.Event(), threading.Event()
+    real_fit = api.fit
+
+    def slow_fit(job):
+        started.set()
+        assert finish.wait(120)
+        return real_fit(job)
+
+    monkeypatch.setattr(api, "fit", slow_fit)
+    first: dict = {}
+    runner = threading.Thread(target=lambda: first.update(result=protect(breast_file, "random", out=out, eps=EPS,
+                                                                          seed=0, figure=False)))
+    runner.start()
+    try:
+        assert started.wait(120)
+        second = subprocess.run([sys.executable, "-m", "salm_fast.cli", "protect", "--data", str(breast_file),
+                                 "--method", "random", "--seed", "1", "--out", str(out), "--quiet", "--no-figure"],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        finish.set()
+        runner.join(300)
+    assert second.returncode == 2 and second.stdout == ""
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("salm-fast: error: ") and "another run is writing" in lines[0]
+    summary = json.loads((out / "summary.json").read_text())  # the first run's, describing its own release
+    assert summary == json.loads(json.dumps(first["result"].summary))
+    np.testing.assert_array_equal(load_medmnist(out / "breastmnist.npz")["train"].images,
+                                  first["result"].release["train"].images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # the lock file went with the run
+
+
+# ------------------------------------------------------------------------------ arguments said one way
+def test_eps_as_a_fraction_string_and_the_precision_used_are_recorded(ds, tmp_path):
+    res = protect(ds, "samplewise", out=tmp_path / "a", eps="4/255", seed=0, steps=1, loop=tiny_loop(),
+                  precision="fp32", figure=False)
+    assert res.summary["eps"] == 4 / 255 and res.summary["budget_levels"] == 4
+    assert res.summary["precision"]["used"] == "fp32" and res.summary["precision"]["requested"] == "fp32"
+    assert res.summary["options"]["loop"]["precision"] == "fp32"
+    res = protect(ds, "random", out=tmp_path / "b", eps=0.02, seed=0, figure=False)
+    assert res.summary["precision"] == {"requested": "auto", "used": "fp32",
+                                        "reason": "random has no bi-level loop; it computes in fp32"}
+
+
+def _keys(obj) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def test_the_summary_holds_no_seed(ds, tmp_path):
+    res = protect(ds, "salm", out=tmp_path / "out", eps=EPS, k=0.1, seed=4321, loop=tiny_loop(), figure=False,
+                  **SALM_FAST)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "seed" not in _keys(saved) and "seed" not in _keys(res.summary)
+    assert "4321" not in (tmp_path / "out" / "summary.json").read_text()
+
+
+def test_evaluate_refuses_non_integer_seed_and_epochs(ds):
+    for bad in (dict(seed=1.5), dict(epochs=1.5), dict(epochs=0), dict(seed=True)):
+        with pytest.raises(ValueError, match="must be an integer") as info:
+            evaluate(ds, ds, **{**FAST_VICTIM, **bad})
+        assert "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------ bad input writes nothing
 BAD = {
     "unknown method": (dict(method="nope"), ValueError, "unknown method"),
@@ -154,6 +302,13 @@ BAD = {
     "unknown option": (dict(bogus=1), ValueError, "bogus"),
     "classes out of range": (dict(classes=[5]), ValueError, "classes"),
     "unknown backend": (dict(backend="cuda-magic"), ValueError, "cuda-magic"),
+    "ambiguous eps 1": (dict(eps="1"), ValueError, "ambiguous"),
+    "ambiguous eps 2": (dict(eps="2"), ValueError, "2/255"),
+    "seed 1.5": (dict(seed=1.5), ValueError, "seed must be an integer"),
+    "unknown precision": (dict(precision="fp8"), ValueError, "precision"),
+    "precision vs loop": (dict(precision="bf16", loop=BiLevelConfig(precision="fp32")), ValueError, "contradicts"),
+    "bf16 without a loop": (dict(method="random", precision="bf16"), ValueError, "no bi-level loop"),
+    "workdir inside out": (dict(workdir="OUT/work"), ValueError, "outside the output folder"),
 }
 
 
@@ -162,9 +317,12 @@ def test_bad_arguments_raise_before_anything_is_written(case, ds, tmp_path):
     args, exc, match = BAD[case]
     method = args.pop("method", "salm")
     out = tmp_path / "out"
-    with pytest.raises(exc, match=match):
+    if "workdir" in args:
+        args["workdir"] = out / "work"
+    with pytest.raises(exc, match=match) as info:
         protect(ds, method, out=out, **{"eps": EPS, "seed": 0, **args})
-    assert not out.exists()
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_release_is_not_replaced_without_overwrite(ds, tmp_path):

@@ -268,6 +268,8 @@ class BiLevelMethod(Method):
             "rounds": trainer.round,
             "stopped_because": trainer.stopped_because,
             "surrogate_accuracy": trainer.history[-1].surrogate_accuracy if trainer.history else None,
+            "precision": trainer.precision,  # what ran (auto's choice, or the checkpoint's), for the summary
+            "precision_reason": trainer.precision_reason,
             "history": [h.__dict__ for h in trainer.history],
         }
         return Protection(delta, mask, info)
