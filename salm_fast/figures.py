@@ -6,7 +6,9 @@
 * :func:`learning_curves`: a victim's train and test accuracy per epoch on clean vs
   protected data (the release is fitted, the real images are not learned).
 
-Files are written atomically; matplotlib runs headless (Agg).
+Files are written atomically. Figures are drawn on :class:`matplotlib.figure.Figure` objects and
+saved through the Agg canvas directly: no pyplot, no backend switching, so a caller's notebook
+or GUI backend is left as it was.
 """
 from __future__ import annotations
 
@@ -18,20 +20,21 @@ import numpy as np
 from .data.atomic import atomic_path
 
 
-def _plt():
-    import matplotlib
+def new_figure(width: float, height: float):
+    """A figure of ``width`` x ``height`` inches on its own Agg canvas, outside pyplot's registry."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
 
-    return plt
 
-
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically; return the path."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
     return path
 
 
@@ -49,7 +52,6 @@ def protection_figure(clean: np.ndarray, release: np.ndarray, mask: Any, labels:
     ``clean``/``release``: uint8 in storage layout (N x H x W or N x H x W x 3);
     ``mask``: N x 1 x H x W (tensor or array); ``labels``: N class indices.
     """
-    plt = _plt()
     mask = np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask)[:, 0]
     labels = np.asarray(labels).reshape(-1)
     rows = [i for c in np.unique(labels)[:max_classes] for i in np.flatnonzero(labels == c)[:per_class]]
@@ -57,7 +59,8 @@ def protection_figure(clean: np.ndarray, release: np.ndarray, mask: Any, labels:
     diff = diff.max(axis=-1) if diff.ndim == 4 else diff
     scale = 255.0 / max(1, int(diff.max()))
     cols = ["clean", "protected", f"|delta| x{scale:.0f}", "mask"]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(6.4, 1.7 * len(rows) + 0.4), squeeze=False)
+    fig = new_figure(6.4, 1.7 * len(rows) + 0.4)
+    axes = fig.subplots(len(rows), 4, squeeze=False)
     for r, i in enumerate(rows):
         _show(axes[r, 0], clean[i], vmin=0, vmax=255)
         _show(axes[r, 1], release[i], vmin=0, vmax=255)
@@ -70,13 +73,13 @@ def protection_figure(clean: np.ndarray, release: np.ndarray, mask: Any, labels:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path, *, title: str = "") -> Path:
     """Train and test accuracy per epoch for each named run (e.g. clean vs release)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    fig = new_figure(6.0, 3.6)
+    ax = fig.subplots()
     colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple"]
     for (name, hist), color in zip(histories.items(), colors):
         epochs = [h["epoch"] for h in hist]
@@ -93,4 +96,4 @@ def learning_curves(histories: dict[str, list[dict[str, Any]]], path: str | Path
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -19,6 +19,7 @@ from statistics import mean
 
 from .data.atomic import atomic_path
 from .experiment import CLEAN, MethodSpec, canonical_dataset, dataset_tag, load_results
+from .figures import new_figure, save_png
 
 
 def _code(text: str) -> str:
@@ -79,21 +80,6 @@ def _table(rows: list[dict], row_key: str, col_key: str, rows_order: list[str], 
     return lines
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-
-
 def _without_k(spec: MethodSpec) -> str:
     rest = [(k, v) for k, v in spec.options if k != "k"]
     return str(MethodSpec(spec.name, tuple(rest)))
@@ -101,7 +87,6 @@ def _without_k(spec: MethodSpec) -> str:
 
 def k_sweep_figure(rows: list[dict], path: Path, victim: str) -> bool:
     """Clean test ACC and AUC vs K: one panel per dataset, one line pair per SALM variant."""
-    plt = _plt()
     series: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
     clean: dict[str, tuple[float, float]] = {}
@@ -117,7 +102,8 @@ def k_sweep_figure(rows: list[dict], path: Path, victim: str) -> bool:
     panels = {ds: per for ds, per in panels.items() if per}
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    fig = new_figure(4.4 * len(panels), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (ds, per) in zip(axes[0], sorted(panels.items())):
         for name, pts in sorted(per.items()):
             ks = sorted(pts)
@@ -135,12 +121,11 @@ def k_sweep_figure(rows: list[dict], path: Path, victim: str) -> bool:
     axes[0][0].set_ylabel("clean test metric")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
 def curves_figure(rows: list[dict], path: Path, victim: str, method: str) -> bool:
-    plt = _plt()
     pairs = []
     for ds in sorted({r["dataset"] for r in rows}):
         sel = {r["method"]: r for r in rows if r["dataset"] == ds and r["victim"] == victim
@@ -149,7 +134,8 @@ def curves_figure(rows: list[dict], path: Path, victim: str, method: str) -> boo
             pairs.append((ds, sel[CLEAN], sel[method]))
     if not pairs:
         return False
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 3.4), squeeze=False)
+    fig = new_figure(4.6 * len(pairs), 3.4)
+    axes = fig.subplots(1, len(pairs), squeeze=False)
     for ax, (ds, c, p) in zip(axes[0], pairs):
         for r, color, name in ((c, "tab:blue", "clean"), (p, "tab:red", "protected")):
             h = r["history"]
@@ -163,7 +149,7 @@ def curves_figure(rows: list[dict], path: Path, victim: str, method: str) -> boo
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 

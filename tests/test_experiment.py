@@ -145,3 +145,25 @@ def test_report_escapes_pipes_in_method_specs():
     from salm_fast.report import _code
 
     assert _code("salm:classes=0|1") == "`salm:classes=0\\|1`"
+
+
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from salm_fast.figures import learning_curves, protection_figure
+    from salm_fast.report import k_sweep_figure
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")  # e.g. a notebook's own backend
+    try:
+        clean = np.random.default_rng(0).integers(0, 255, (4, 8, 8), dtype=np.uint8)
+        protection_figure(clean, clean + 1, np.ones((4, 1, 8, 8)), np.array([0, 1, 0, 1]), tmp_path / "p.png")
+        learning_curves({"clean": [{"epoch": 1, "train_acc": 0.5, "test_acc": 0.5}]}, tmp_path / "c.png")
+        rows = [dict(dataset=DATA, victim="cnn", defense="none", method=f"salm:k={k}", k=k, test_acc=0.6,
+                     test_auc=0.7) for k in (0.1, 0.2)]
+        assert k_sweep_figure(rows, tmp_path / "k.png", "cnn")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    for name in ("p.png", "c.png", "k.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
