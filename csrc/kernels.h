@@ -49,4 +49,13 @@ template <class T>
 void pgd_step(const T* x, const T* delta, const T* g, const T* mask, T eps, T alpha, T* out, Dims d,
               int nthreads);
 
+// True if each of the len values of a obeys the rule. Used by the ops' input checks.
+enum class ValueRule {
+    kFinite,  // no NaN, no +-inf
+    kNotNaN,  // no NaN (inf allowed: a gradient's sign is still defined)
+    kBinary,  // each value 0 or 1 (a mask)
+};
+template <class T>
+bool values_ok(const T* a, index_t len, ValueRule rule, int nthreads);
+
 }  // namespace salm

@@ -5,7 +5,8 @@
 // dtype per call), C-contiguous, aligned, of the expected shape, and outputs writable and
 // not overlapping the inputs (pgd_step / masked_linf_project may write into delta itself).
 // A violation raises TypeError (wrong kind or dtype) or ValueError (shape, layout, value)
-// naming the op and the argument. The GIL is released while the kernels run.
+// naming the op and the argument. The GIL is released while the kernels run; run_typed
+// instantiates each kernel for float or double in one place.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -51,6 +52,7 @@ class Call {
     [[noreturn]] void value_error(const std::string& msg) const { throw py::value_error(op_ + ": " + msg); }
     [[noreturn]] void type_error(const std::string& msg) const { throw py::type_error(op_ + ": " + msg); }
 
+    // ndim < 0: any rank.
     py::array array(const py::handle& obj, const char* name, py::ssize_t ndim, bool output = false) {
         if (!py::isinstance<py::array>(obj))
             type_error(std::string(name) + " must be a numpy.ndarray, got " +
@@ -67,7 +69,7 @@ class Call {
             type_error(std::string(name) + " has dtype " + std::string(py::str(a.dtype())) + " but " + first_ +
                        " has " + (dtype_ == 4 ? "float32" : "float64"));
         }
-        if (a.ndim() != ndim)
+        if (ndim >= 0 && a.ndim() != ndim)
             value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
                         shape_str(a));
         if (!(a.flags() & py::array::c_style))
@@ -110,7 +112,8 @@ class Call {
 };
 
 int threads_arg(const Call& call, int nthreads) {
-    if (nthreads < 0) call.value_error("nthreads must be >= 0 (0: the OpenMP default), got " + std::to_string(nthreads));
+    if (nthreads < 0)
+        call.value_error("nthreads must be >= 0 (0: the OpenMP default), got " + std::to_string(nthreads));
     return nthreads == 0 ? default_threads() : nthreads;
 }
 
@@ -138,6 +141,15 @@ T* out_ptr(py::array& a) {
     return static_cast<T*>(a.mutable_data());
 }
 
+// f(T{}) with T the call's element type (float or double), run without the GIL: a binding
+// names its kernel once, as a template on T, instead of once per dtype.
+template <class F>
+auto run_typed(const Call& call, F&& f) {
+    const bool f64 = call.is_double();
+    py::gil_scoped_release nogil;
+    return f64 ? f(double{}) : f(float{});
+}
+
 // ------------------------------------------------------------------ bindings
 void grad_magnitude(const py::handle& g_obj, int p, const py::handle& out_obj, int nthreads) {
     Call call("grad_magnitude");
@@ -148,12 +160,10 @@ void grad_magnitude(const py::handle& g_obj, int p, const py::handle& out_obj, i
     call.shape(out, "out", {g.shape(0), g.shape(2), g.shape(3)});
     call.no_overlap(out, "out", g, "g");
     const int nt = threads_arg(call, nthreads);
-    const bool f64 = call.is_double();
-    py::gil_scoped_release nogil;
-    if (f64)
-        salm::grad_magnitude(in_ptr<double>(g), out_ptr<double>(out), d, p, nt);
-    else
-        salm::grad_magnitude(in_ptr<float>(g), out_ptr<float>(out), d, p, nt);
+    run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        salm::grad_magnitude(in_ptr<T>(g), out_ptr<T>(out), d, p, nt);
+    });
 }
 
 bool topk_mask(const py::handle& s_obj, index_t k, const py::handle& out_obj, int nthreads) {
@@ -165,10 +175,10 @@ bool topk_mask(const py::handle& s_obj, index_t k, const py::handle& out_obj, in
     check_k(call, k, hw);
     call.no_overlap(out, "out", s, "s", true);  // keys are taken before the image's mask is written
     const int nt = threads_arg(call, nthreads);
-    const bool f64 = call.is_double();
-    py::gil_scoped_release nogil;
-    return f64 ? salm::topk_mask(in_ptr<double>(s), out_ptr<double>(out), n, hw, k, nt)
-               : salm::topk_mask(in_ptr<float>(s), out_ptr<float>(out), n, hw, k, nt);
+    return run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        return salm::topk_mask(in_ptr<T>(s), out_ptr<T>(out), n, hw, k, nt);
+    });
 }
 
 bool saliency_topk_mask(const py::handle& g_obj, index_t k, int p, const py::handle& out_obj, int nthreads) {
@@ -181,10 +191,10 @@ bool saliency_topk_mask(const py::handle& g_obj, index_t k, int p, const py::han
     check_k(call, k, d.hw);
     call.no_overlap(out, "out", g, "g");
     const int nt = threads_arg(call, nthreads);
-    const bool f64 = call.is_double();
-    py::gil_scoped_release nogil;
-    return f64 ? salm::saliency_topk_mask(in_ptr<double>(g), out_ptr<double>(out), d, k, p, nt)
-               : salm::saliency_topk_mask(in_ptr<float>(g), out_ptr<float>(out), d, k, p, nt);
+    return run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        return salm::saliency_topk_mask(in_ptr<T>(g), out_ptr<T>(out), d, k, p, nt);
+    });
 }
 
 // x, delta (and g) N x C x H x W, mask N x 1 x H x W; returns the dims.
@@ -208,14 +218,11 @@ void masked_linf_project(const py::handle& x_obj, const py::handle& delta_obj, c
     call.no_overlap(out, "out", delta, "delta", true);
     call.no_overlap(out, "out", mask, "mask");
     const int nt = threads_arg(call, nthreads);
-    const bool f64 = call.is_double();
-    py::gil_scoped_release nogil;
-    if (f64)
-        salm::masked_linf_project(in_ptr<double>(x), in_ptr<double>(delta), in_ptr<double>(mask), eps,
-                                  out_ptr<double>(out), d, nt);
-    else
-        salm::masked_linf_project(in_ptr<float>(x), in_ptr<float>(delta), in_ptr<float>(mask),
-                                  static_cast<float>(eps), out_ptr<float>(out), d, nt);
+    run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        salm::masked_linf_project(in_ptr<T>(x), in_ptr<T>(delta), in_ptr<T>(mask), static_cast<T>(eps),
+                                  out_ptr<T>(out), d, nt);
+    });
 }
 
 void masked_linf_project_backward(const py::handle& x_obj, const py::handle& delta_obj, const py::handle& mask_obj,
@@ -241,17 +248,12 @@ void masked_linf_project_backward(const py::handle& x_obj, const py::handle& del
     }
     if (want_x) call.no_overlap(grad_x, "grad_x", grad_delta, "grad_delta");
     const int nt = threads_arg(call, nthreads);
-    const bool f64 = call.is_double();
-    py::gil_scoped_release nogil;
-    if (f64)
-        salm::masked_linf_project_backward(in_ptr<double>(x), in_ptr<double>(delta), in_ptr<double>(mask), eps,
-                                           in_ptr<double>(grad_out), out_ptr<double>(grad_delta),
-                                           want_x ? out_ptr<double>(grad_x) : nullptr, d, nt);
-    else
-        salm::masked_linf_project_backward(in_ptr<float>(x), in_ptr<float>(delta), in_ptr<float>(mask),
-                                           static_cast<float>(eps), in_ptr<float>(grad_out),
-                                           out_ptr<float>(grad_delta), want_x ? out_ptr<float>(grad_x) : nullptr,
-                                           d, nt);
+    run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        salm::masked_linf_project_backward(in_ptr<T>(x), in_ptr<T>(delta), in_ptr<T>(mask), static_cast<T>(eps),
+                                           in_ptr<T>(grad_out), out_ptr<T>(grad_delta),
+                                           want_x ? out_ptr<T>(grad_x) : nullptr, d, nt);
+    });
 }
 
 void pgd_step(const py::handle& x_obj, const py::handle& delta_obj, const py::handle& g_obj,
@@ -270,14 +272,32 @@ void pgd_step(const py::handle& x_obj, const py::handle& delta_obj, const py::ha
     call.no_overlap(out, "out", g, "g");
     call.no_overlap(out, "out", mask, "mask");
     const int nt = threads_arg(call, nthreads);
-    const bool f64 = call.is_double();
-    py::gil_scoped_release nogil;
-    if (f64)
-        salm::pgd_step(in_ptr<double>(x), in_ptr<double>(delta), in_ptr<double>(g), in_ptr<double>(mask), eps,
-                       alpha, out_ptr<double>(out), d, nt);
-    else
-        salm::pgd_step(in_ptr<float>(x), in_ptr<float>(delta), in_ptr<float>(g), in_ptr<float>(mask),
-                       static_cast<float>(eps), static_cast<float>(alpha), out_ptr<float>(out), d, nt);
+    run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        salm::pgd_step(in_ptr<T>(x), in_ptr<T>(delta), in_ptr<T>(g), in_ptr<T>(mask), static_cast<T>(eps),
+                       static_cast<T>(alpha), out_ptr<T>(out), d, nt);
+    });
+}
+
+// Whether every value of `a` (any shape) obeys `rule`: the input checks of salm_fast.ops.
+bool values_ok(const char* op, const py::handle& a_obj, salm::ValueRule rule, int nthreads) {
+    Call call(op);
+    auto a = call.array(a_obj, "a", -1);
+    const int nt = threads_arg(call, nthreads);
+    const index_t len = a.size();
+    return run_typed(call, [&](auto zero) {
+        using T = decltype(zero);
+        return salm::values_ok(in_ptr<T>(a), len, rule, nt);
+    });
+}
+bool all_finite(const py::handle& a, int nthreads) {
+    return values_ok("all_finite", a, salm::ValueRule::kFinite, nthreads);
+}
+bool none_nan(const py::handle& a, int nthreads) {
+    return values_ok("none_nan", a, salm::ValueRule::kNotNaN, nthreads);
+}
+bool all_binary(const py::handle& a, int nthreads) {
+    return values_ok("all_binary", a, salm::ValueRule::kBinary, nthreads);
 }
 
 // Whether the calling thread flushes denormals (MXCSR FTZ 0x8000 or DAZ 0x0040 set), as
@@ -317,4 +337,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("pgd_step", &pgd_step, py::arg("x"), py::arg("delta"), py::arg("g"), py::arg("mask"), py::arg("eps"),
           py::arg("alpha"), py::arg("out"), py::arg("nthreads") = 0,
           "out <- masked_linf_project(x, delta + alpha * sign(g), mask, eps); alpha is signed; out may be delta.");
+    // The input checks of salm_fast.ops: one read of a (any shape), no allocation.
+    m.def("all_finite", &all_finite, py::arg("a"), py::arg("nthreads") = 0, "True if a holds no NaN and no inf.");
+    m.def("none_nan", &none_nan, py::arg("a"), py::arg("nthreads") = 0, "True if a holds no NaN (inf allowed).");
+    m.def("all_binary", &all_binary, py::arg("a"), py::arg("nthreads") = 0, "True if every value of a is 0 or 1.");
 }

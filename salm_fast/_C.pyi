@@ -43,3 +43,12 @@ def pgd_step(
 ) -> None:
     """``out`` <- masked_linf_project(x, delta + alpha * sign(g), mask, eps); ``alpha`` is signed;
     ``out`` may be ``delta`` itself (in-place step)."""
+
+def all_finite(a: _Array, nthreads: int = 0) -> bool:
+    """True if ``a`` (any shape) holds no NaN and no inf. One read of ``a``, no allocation."""
+
+def none_nan(a: _Array, nthreads: int = 0) -> bool:
+    """True if ``a`` (any shape) holds no NaN (inf allowed: the sign of an infinite gradient is defined)."""
+
+def all_binary(a: _Array, nthreads: int = 0) -> bool:
+    """True if every value of ``a`` (any shape) is 0 or 1 (a mask); NaN and inf are neither."""
