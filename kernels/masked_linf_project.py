@@ -3,57 +3,15 @@
 Forward: out = clamp(clamp(delta * mask, -eps, eps), -x, 1 - x), in that order.
 Backward: PyTorch clamp's subgradients (bounds inclusive): grad_delta = grad_out * mask
 where neither clamp is active, grad_x = -grad_out where the box clamp is active.
-The mask (N x 1 x H x W) is shared by the C channels.
-
-Scalars (eps, alpha) travel as the bit pattern of their value in the tensor dtype:
-Triton types a Python float argument as fp32, which would round an fp64 eps.
+The mask (N x 1 x H x W) is shared by the C channels; eps travels as its bit pattern
+(``_common.scalar_bits``).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-_BLOCK = 2048
-
-
-def scalar_bits(value: float, dtype: torch.dtype) -> int:
-    """``value`` rounded to ``dtype`` (fp32 or fp64) as a signed integer bit pattern.
-
-    Rounded by torch.tensor, like the reference's ``torch.tensor(eps, dtype=...)``
-    (a value beyond the fp32 range becomes inf there too).
-    """
-    bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
-    return int(torch.tensor(value, dtype=dtype).view(bits_dtype))
-
-
-@triton.jit
-def _scalar(bits, DTYPE: tl.constexpr):
-    """Inverse of ``scalar_bits``; the argument may arrive as i32 or i64 (small patterns)."""
-    if DTYPE == tl.float64:
-        return bits.to(tl.int64).to(tl.float64, bitcast=True)
-    else:
-        return bits.to(tl.int32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _clamp(v, lo, hi):
-    # torch.clamp is min(max(v, lo), hi) and propagates a NaN v; where() does both
-    # without depending on the NaN convention of the hardware min/max.
-    v = tl.where(v < lo, lo, v)
-    return tl.where(v > hi, hi, v)
-
-
-@triton.jit
-def _project(x, delta, m, eps):
-    d = _clamp(delta * m, -eps, eps)
-    return _clamp(d, -x, 1.0 - x)
-
-
-@triton.jit
-def _mask_offsets(offs, C, HW):
-    """Offsets into the N x 1 x H x W mask of flat N x C x H x W offsets (int64)."""
-    return (offs // (C * HW)) * HW + offs % HW
+from ._common import clamp, elementwise_launch, load_scalar, mask_offsets, project, scalar_bits
 
 
 @triton.jit(do_not_specialize=["eps_bits"])
@@ -64,11 +22,11 @@ def _masked_linf_project_forward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)  # int64: N*C*H*W may exceed 2**31
     live = offs < numel
-    eps = _scalar(eps_bits, x_ptr.dtype.element_ty)
+    eps = load_scalar(eps_bits, x_ptr.dtype.element_ty)
     x = tl.load(x_ptr + offs, mask=live, other=0.0)
     delta = tl.load(delta_ptr + offs, mask=live, other=0.0)
-    m = tl.load(mask_ptr + _mask_offsets(offs, C, HW), mask=live, other=0.0)
-    tl.store(out_ptr + offs, _project(x, delta, m, eps), mask=live)
+    m = tl.load(mask_ptr + mask_offsets(offs, C, HW), mask=live, other=0.0)
+    tl.store(out_ptr + offs, project(x, delta, m, eps), mask=live)
 
 
 @triton.jit(do_not_specialize=["eps_bits"])
@@ -81,13 +39,13 @@ def _masked_linf_project_backward_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     live = offs < numel
-    eps = _scalar(eps_bits, x_ptr.dtype.element_ty)
+    eps = load_scalar(eps_bits, x_ptr.dtype.element_ty)
     x = tl.load(x_ptr + offs, mask=live, other=0.0)
     delta = tl.load(delta_ptr + offs, mask=live, other=0.0)
-    m = tl.load(mask_ptr + _mask_offsets(offs, C, HW), mask=live, other=0.0)
+    m = tl.load(mask_ptr + mask_offsets(offs, C, HW), mask=live, other=0.0)
     go = tl.load(grad_out_ptr + offs, mask=live, other=0.0)
     d0 = delta * m
-    d1 = _clamp(d0, -eps, eps)
+    d1 = clamp(d0, -eps, eps)
     in_eps = (d0 >= -eps) & (d0 <= eps)
     in_box = (d1 >= -x) & (d1 <= 1.0 - x)
     tl.store(grad_delta_ptr + offs, tl.where(in_eps & in_box, go * m, 0.0), mask=live)
@@ -95,27 +53,21 @@ def _masked_linf_project_backward_kernel(
         tl.store(grad_x_ptr + offs, tl.where(in_box, 0.0, -go), mask=live)
 
 
-def _grid(numel: int) -> tuple[int, tuple[int]]:
-    block = min(_BLOCK, triton.next_power_of_2(numel))
-    return block, (triton.cdiv(numel, block),)
-
-
 def masked_linf_project(x, delta, mask, eps: float, out) -> None:
     """Fill ``out`` with the projection of ``delta``; all tensors contiguous, one dtype."""
     _, c, h, w = x.shape
-    block, grid = _grid(x.numel())
+    block, grid, num_warps = elementwise_launch(x.numel())
     _masked_linf_project_forward_kernel[grid](
-        x, delta, mask, out, scalar_bits(eps, x.dtype), x.numel(), c, h * w, BLOCK=block,
-        num_warps=4 if block <= 1024 else 8,
+        x, delta, mask, out, scalar_bits(eps, x.dtype), x.numel(), c, h * w, BLOCK=block, num_warps=num_warps,
     )
 
 
 def masked_linf_project_backward(x, delta, mask, eps: float, grad_out, grad_delta, grad_x) -> None:
     """Fill ``grad_delta`` and, unless it is None, ``grad_x``."""
     _, c, h, w = x.shape
-    block, grid = _grid(x.numel())
+    block, grid, num_warps = elementwise_launch(x.numel())
     _masked_linf_project_backward_kernel[grid](
         x, delta, mask, grad_out, grad_delta, grad_delta if grad_x is None else grad_x,
         scalar_bits(eps, x.dtype), x.numel(), c, h * w, HAS_GRAD_X=grad_x is not None, BLOCK=block,
-        num_warps=4 if block <= 1024 else 8,
+        num_warps=num_warps,
     )

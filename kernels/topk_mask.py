@@ -7,7 +7,7 @@ per digit (4 passes for fp32, 8 for fp64). A last pass writes ones for keys abov
 that threshold and, for keys equal to it, for the first ``k - count_above`` in flat
 index order (``tl.cumsum`` within a block plus a running count across blocks, which
 are visited in order). The fused variant recomputes the saliency from the gradient
-in every pass (``_saliency``, the same arithmetic as ``grad_magnitude``) instead of
+in every pass (``_common.saliency``, the same arithmetic as ``grad_magnitude``) instead of
 writing an N x H x W temporary.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grad_magnitude import _saliency
+from ._common import saliency
 
 _MAX_BLOCK = 4096
 # tl.histogram's GPU lowering replicates a block narrower than the CTA over its threads
@@ -53,7 +53,7 @@ def _is_nonfinite(v, KEY_BITS: tl.constexpr):
 @triton.jit
 def _load_values(src_ptr, img_base, idx, in_bounds, C, HW, FUSED: tl.constexpr, P: tl.constexpr):
     if FUSED:
-        v = _saliency(src_ptr, img_base + idx, in_bounds, C, HW, P)
+        v = saliency(src_ptr, img_base + idx, in_bounds, C, HW, P)
     else:
         v = tl.load(src_ptr + img_base + idx, mask=in_bounds, other=0.0)
     return v

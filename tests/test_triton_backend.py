@@ -24,7 +24,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from salm_fast.kernels import topk_mask as topk_kernels  # noqa: E402
-from salm_fast.kernels.masked_linf_project import _mask_offsets, _scalar, scalar_bits  # noqa: E402
+from salm_fast.kernels._common import load_scalar, mask_offsets, scalar_bits  # noqa: E402
 from salm_fast.ops import _triton as tri  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64]
@@ -172,7 +172,7 @@ def test_fp64_scalars_keep_fp64_precision():
 
 @triton.jit
 def _scalar_roundtrip_kernel(out_ptr, bits):
-    tl.store(out_ptr, _scalar(bits, out_ptr.dtype.element_ty))
+    tl.store(out_ptr, load_scalar(bits, out_ptr.dtype.element_ty))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -187,7 +187,7 @@ def test_scalar_bits_round_trip(dtype, value):
 @triton.jit
 def _mask_offsets_probe_kernel(out_ptr, base, C, HW, BLOCK: tl.constexpr):
     offs = base + tl.arange(0, BLOCK).to(tl.int64)
-    tl.store(out_ptr + tl.arange(0, BLOCK), _mask_offsets(offs, C, HW))
+    tl.store(out_ptr + tl.arange(0, BLOCK), mask_offsets(offs, C, HW))
 
 
 def test_mask_offsets_use_int64_beyond_2_31():
