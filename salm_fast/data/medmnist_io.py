@@ -162,52 +162,61 @@ def _load_open_npz(fid, path: Path) -> Dataset:
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: holds a single .npy array, not an .npz archive with {{split}}_images/_labels")
     with npz:
-        members = {}  # key -> member name in the zip
-        for member in npz.zip.namelist():
-            if not member.endswith(".npy"):
-                raise DataError(f"{path}: member {member!r} is not a .npy array; not a MedMNIST .npz file")
-            members[member[:-4]] = member
-        for key, member in members.items():
-            dtype = _member_dtype(npz, member, path)
-            if dtype.hasobject:
-                raise DataError(f"{path}: {key!r} is a pickled object array; refused (never unpickled)")
-        known = {f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")}
-        extra = sorted(set(members) - known)
-        if extra:
-            raise DataError(f"{path}: unexpected key(s) {', '.join(extra)}; a MedMNIST .npz holds only "
-                            "{train,val,test}_{images,labels}")
-        present = [s for s in SPLITS if f"{s}_images" in members or f"{s}_labels" in members]
-        required = ["train"] + [s for s in present if s != "train"]
-        missing = [f"{s}_{kind}" for s in required for kind in ("images", "labels") if f"{s}_{kind}" not in members]
-        if missing:
-            raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
-
-        splits: dict[str, Split] = {}
-        label_dtype: np.dtype | None = None
-        first: tuple[str, tuple[int, ...]] | None = None
-        for s in required:
-            try:
-                images = npz[f"{s}_images"]
-                labels = npz[f"{s}_labels"]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise DataError(f"{path}: split {s!r} cannot be read ({_one_line(e)})") from None
-            check_images(images, f"{path}: {s}_images")
-            if label_dtype is None:
-                label_dtype = labels.dtype
-            labels = check_labels(labels, images.shape[0], f"{path}: {s}_labels")
-            if first is None:
-                first = (s, images.shape[1:])
-            elif images.shape[1:] != first[1]:
-                raise DataError(f"{path}: {s}_images are {_describe(images.shape[1:])} but {first[0]}_images are "
-                                f"{_describe(first[1])}; all splits must have the same size and channels")
-            splits[s] = Split(images, labels)
-
-    h, w = first[1][:2]
-    _check_name_size(path, (h, w))
+        splits, label_dtype = _read_splits(npz, path, _split_names(npz, path))
+    first = next(iter(splits.values()))
+    _check_name_size(path, first.image_shape)
     n_classes = class_count({s: sp.labels for s, sp in splits.items()}, str(path), MEDMNIST_2D_CLASSES.get(flag),
                             known_as=flag if flag in MEDMNIST_2D_CLASSES else "")
     return Dataset(flag, splits, n_classes, source=str(path), label_names=_class_names(flag, n_classes),
                    label_dtype=label_dtype.name)
+
+
+def _split_names(npz: np.lib.npyio.NpzFile, path: Path) -> list[str]:
+    """The splits the archive holds, train first, after checking its members from their headers alone."""
+    members = {}  # key -> member name in the zip
+    for member in npz.zip.namelist():
+        if not member.endswith(".npy"):
+            raise DataError(f"{path}: member {member!r} is not a .npy array; not a MedMNIST .npz file")
+        members[member[:-4]] = member
+    for key, member in members.items():
+        dtype = _member_dtype(npz, member, path)
+        if dtype.hasobject:
+            raise DataError(f"{path}: {key!r} is a pickled object array; refused (never unpickled)")
+    known = {f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")}
+    extra = sorted(set(members) - known)
+    if extra:
+        raise DataError(f"{path}: unexpected key(s) {', '.join(extra)}; a MedMNIST .npz holds only "
+                        "{train,val,test}_{images,labels}")
+    present = [s for s in SPLITS if f"{s}_images" in members or f"{s}_labels" in members]
+    required = ["train"] + [s for s in present if s != "train"]
+    missing = [f"{s}_{kind}" for s in required for kind in ("images", "labels") if f"{s}_{kind}" not in members]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+    return required
+
+
+def _read_splits(npz: np.lib.npyio.NpzFile, path: Path, names: list[str]) -> tuple[dict[str, Split], np.dtype]:
+    """Each split's images and labels, validated; and the labels' dtype in the file (kept for the release)."""
+    splits: dict[str, Split] = {}
+    label_dtype: np.dtype | None = None
+    first: tuple[str, tuple[int, ...]] | None = None
+    for s in names:
+        try:
+            images = npz[f"{s}_images"]
+            labels = npz[f"{s}_labels"]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DataError(f"{path}: split {s!r} cannot be read ({_one_line(e)})") from None
+        check_images(images, f"{path}: {s}_images")
+        if label_dtype is None:
+            label_dtype = labels.dtype
+        labels = check_labels(labels, images.shape[0], f"{path}: {s}_labels")
+        if first is None:
+            first = (s, images.shape[1:])
+        elif images.shape[1:] != first[1]:
+            raise DataError(f"{path}: {s}_images are {_describe(images.shape[1:])} but {first[0]}_images are "
+                            f"{_describe(first[1])}; all splits must have the same size and channels")
+        splits[s] = Split(images, labels)
+    return splits, label_dtype
 
 
 def _class_names(flag: str, n_classes: int) -> tuple[str, ...] | None:
