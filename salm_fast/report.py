@@ -175,41 +175,34 @@ def selected_classes_section(rows: list[dict]) -> list[str]:
     return out
 
 
-def build_report(root: str | Path, out: str | Path | None = None, *, title: str = "salm-fast experiment report",
-                 main_defense: str = "none") -> Path:
-    """Write ``report.md`` (and its figures) for the grid in ``root``; returns the Markdown path."""
-    root = Path(root)
-    # One dataset, one name: grids may have named the same file by different paths.
-    rows = [{**r, "dataset": canonical_dataset(r["dataset"])} for r in load_results(root)]
-    out = Path(out) if out else root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    md: list[str] = [f"# {title}", "",
-                     f"Source: `{root / 'results.csv'}` ({len(rows)} cells). Cells: clean **test ACC / AUC** of a "
-                     "victim trained from scratch on the data named by the row, tested on the clean test split "
-                     "(mean over seeds; n = number of seeds when > 1). `clean` = trained on unprotected data.", ""]
-    datasets = sorted({r["dataset"] for r in rows})
-    victims_all = sorted({r["victim"] for r in rows})
-    for ds in datasets:
-        sub = [r for r in rows if r["dataset"] == ds and r["defense"] == main_defense]
-        if not sub:
+def _dataset_section(rows: list[dict], ds: str, victims_all: list[str], main_defense: str) -> list[str]:
+    """Methods x victims for one dataset, then counter-measures x methods per victim that has them."""
+    md: list[str] = []
+    sub = [r for r in rows if r["dataset"] == ds and r["defense"] == main_defense]
+    if not sub:
+        return md
+    victims = [v for v in victims_all if any(r["victim"] == v for r in sub)]
+    md += [f"## {dataset_tag(ds)}: methods x victims (defense: {main_defense})", ""]
+    md += _table(sub, "method", "victim", _method_order({r["method"] for r in sub}), victims)
+    md += ["", *_beats_salm(sub, victims)]
+    md += ["", "Reproduce a cell: " + f"`{sub[0]['command']}` (change --methods/--victims).", ""]
+    defenses = sorted({r["defense"] for r in rows if r["dataset"] == ds})
+    if len(defenses) < 2:
+        return md
+    for v in victims_all:
+        attacked = {r["method"] for r in rows if r["dataset"] == ds and r["victim"] == v and r["defense"] != "none"}
+        dsub = [r for r in rows if r["dataset"] == ds and r["victim"] == v and r["method"] in attacked]
+        dnames = sorted({r["defense"] for r in dsub}, key=lambda d: (d != "none", d))
+        if len(dnames) < 2:
             continue
-        victims = [v for v in victims_all if any(r["victim"] == v for r in sub)]
-        md += [f"## {dataset_tag(ds)}: methods x victims (defense: {main_defense})", ""]
-        md += _table(sub, "method", "victim", _method_order({r["method"] for r in sub}), victims)
-        md += ["", *_beats_salm(sub, victims)]
-        md += ["", "Reproduce a cell: " + f"`{sub[0]['command']}` (change --methods/--victims).", ""]
-        defenses = sorted({r["defense"] for r in rows if r["dataset"] == ds})
-        if len(defenses) > 1:
-            for v in victims_all:
-                attacked = {r["method"] for r in rows if r["dataset"] == ds and r["victim"] == v
-                            and r["defense"] != "none"}
-                dsub = [r for r in rows if r["dataset"] == ds and r["victim"] == v and r["method"] in attacked]
-                dnames = sorted({r["defense"] for r in dsub}, key=lambda d: (d != "none", d))
-                if len(dnames) < 2:
-                    continue
-                md += [f"### {dataset_tag(ds)}: counter-measures against the release ({v})", ""]
-                md += _table(dsub, "method", "defense", _method_order({r["method"] for r in dsub}), dnames)
-                md += [""]
+        md += [f"### {dataset_tag(ds)}: counter-measures against the release ({v})", ""]
+        md += _table(dsub, "method", "defense", _method_order({r["method"] for r in dsub}), dnames)
+        md += [""]
+    return md
+
+
+def _figures_section(rows: list[dict], out: Path, victims_all: list[str]) -> list[str]:
+    """Draw the K sweeps and learning curves into ``out``; the Markdown that shows them."""
     figs = []
     for v in victims_all:
         if k_sweep_figure(rows, out / f"k_sweep_{v}.png", v):
@@ -222,14 +215,14 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
         for v in victims_all:
             if curves_figure(rows, out / f"curves_{v}.png", v, pick):
                 figs.append((f"Learning curves ({v}, clean vs `{pick}`)", f"curves_{v}.png"))
-    if figs:
-        md += ["## Figures", ""]
-        for caption, name in figs:
-            md += [f"**{caption}**", "", f"![{caption}]({name})", ""]
-    sel = selected_classes_section(rows)
-    if sel:
-        md += ["## Protecting selected classes only", "", *sel, ""]
-    md += ["## Timing", "", "| dataset | method | protect s | images/s |", "|---|---|---|---|"]
+    md = ["## Figures", ""] if figs else []
+    for caption, name in figs:
+        md += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    return md
+
+
+def _timing_section(rows: list[dict]) -> list[str]:
+    md = ["## Timing", "", "| dataset | method | protect s | images/s |", "|---|---|---|---|"]
     seen = set()
     for r in rows:
         key = (r["dataset"], r["method"], r["seed"])
@@ -238,6 +231,29 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
         seen.add(key)
         md.append(f"| {dataset_tag(r['dataset'])} | {_code(r['method'])} | {r['protect_seconds']:.1f} | "
                   f"{r['protect_images_per_s']:.0f} |")
+    return md
+
+
+def build_report(root: str | Path, out: str | Path | None = None, *, title: str = "salm-fast experiment report",
+                 main_defense: str = "none") -> Path:
+    """Write ``report.md`` (and its figures) for the grid in ``root``; returns the Markdown path."""
+    root = Path(root)
+    # One dataset, one name: grids may have named the same file by different paths.
+    rows = [{**r, "dataset": canonical_dataset(r["dataset"])} for r in load_results(root)]
+    out = Path(out) if out else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# {title}", "",
+                     f"Source: `{root / 'results.csv'}` ({len(rows)} cells). Cells: clean **test ACC / AUC** of a "
+                     "victim trained from scratch on the data named by the row, tested on the clean test split "
+                     "(mean over seeds; n = number of seeds when > 1). `clean` = trained on unprotected data.", ""]
+    victims_all = sorted({r["victim"] for r in rows})
+    for ds in sorted({r["dataset"] for r in rows}):
+        md += _dataset_section(rows, ds, victims_all, main_defense)
+    md += _figures_section(rows, out, victims_all)
+    sel = selected_classes_section(rows)
+    if sel:
+        md += ["## Protecting selected classes only", "", *sel, ""]
+    md += _timing_section(rows)
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
