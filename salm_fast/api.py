@@ -26,6 +26,7 @@ beside ``out`` makes a second run into the same output refuse at once.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import platform
 import shutil
 import time
@@ -55,6 +56,7 @@ from .data import (
     storage_to_nchw,
 )
 from .data.atomic import check_writable_dir
+from .bilevel import BiLevelConfig
 from .methods import BiLevelMethod, Method, Protection, check_options, make_method
 from .release import budget_levels, measure_budget, quantize_release
 
@@ -62,6 +64,7 @@ SUMMARY = "summary.json"
 FIGURE = "protection.png"
 ROUND_LOG = "rounds.jsonl"
 CHECKPOINT = "checkpoint.pt"
+STAGING = "salm-staging"  # <parent>/.<name>.salm-staging-XXXX: the output being built
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -170,11 +173,11 @@ def _build_method(method: str, eps: float | str | None, k: int | float | None, s
     cls = check_options(method, options)
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if issubclass(cls, BiLevelMethod):
+    if issubclass(cls, BiLevelMethod) and precision is not None:
         loop = options.get("loop") or cls.default_loop()
-        if precision is not None and "loop" in options and loop.precision not in ("auto", precision):
-            raise ValueError(f"precision={precision!r} contradicts loop.precision={loop.precision!r}; give one")
-        if precision is not None:
+        if isinstance(loop, BiLevelConfig):  # anything else: the method's own one-line error
+            if "loop" in options and loop.precision not in ("auto", precision):
+                raise ValueError(f"precision={precision!r} contradicts loop.precision={loop.precision!r}; give one")
             options["loop"] = dataclasses.replace(loop, precision=precision)  # a copy: the caller's is theirs
     elif precision == "bf16":
         raise ValueError(f"{method} has no bi-level loop: it computes in fp32, precision bf16 does not apply")
@@ -408,7 +411,7 @@ def write(job: ProtectPlan, fitted: Fitted) -> ProtectResult:
     log = job.workdir / ROUND_LOG
     round_log = isinstance(job.method, BiLevelMethod) and log.is_file()
     summary = _summary(job, fitted, per_split, round_log)
-    staging = make_staging_dir(job.out, "salm-staging")
+    staging = make_staging_dir(job.out, STAGING)
     try:
         if job.release_name.endswith(".npz"):
             save_medmnist(released, staging / job.release_name)
@@ -451,6 +454,8 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
         folder.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(job.out), output_lock(job.workdir):
         check_output(job.out, job.may_replace)  # again under the lock: another run may have published meanwhile
+        for stale in job.out.parent.glob(f".{glob.escape(job.out.name)}.{STAGING}-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed run's: only a run holding this lock stages here
         try:
             return write(job, fit(job))
         except BaseException:

@@ -203,6 +203,14 @@ def test_a_failed_overwrite_leaves_the_previous_output_untouched(ds, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_killed_runs_staging_folder_is_cleared_by_the_next_run(ds, tmp_path):
+    stale = tmp_path / ".out.salm-staging-dead"  # what a SIGKILL during the write leaves
+    stale.mkdir()
+    (stale / "synthetic.npz").write_bytes(b"partial")
+    protect(ds, "random", out=tmp_path / "out", eps=EPS, figure=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_an_output_folder_holding_other_files_is_refused(ds, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
