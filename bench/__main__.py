@@ -27,11 +27,18 @@ def _real(argv: Sequence[str]) -> int:
     return real.main(argv)
 
 
+def _compat(argv: Sequence[str]) -> int:
+    from bench import compat
+
+    return compat.main(argv)
+
+
 #: name -> (one-line help, entry point taking the remaining argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "kernels": ("fused ops: eager PyTorch vs the torch reference vs the native backend", _kernels),
     "speed": ("protection speed: the classic error-minimizing loop vs ours, same data and surrogate", _speed),
     "real": ("protection on real MedMNIST: every method vs a victim, clean reference included", _real),
+    "compat": ("drop-in: the classic unlearnable-examples loop, plain PyTorch vs salm_fast.compat", _compat),
 }
 
 

@@ -74,3 +74,13 @@ def test_generator_throughput_bench_writes_its_section(tmp_path):
     assert data["images_per_s_bf16"] > 0
     text = md.read_text()
     assert "keep me" in text and "SALM generator on new images" in text and text.count("bench:generator:begin") == 1
+
+
+def test_compat_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "results_compat.json"
+    assert cli.main(["compat", "--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["rows"]] == ["plain PyTorch", "salm_fast.compat"]
+    assert all(r["n"] == 1 and r["mean_s"] > 0 for r in data["rows"]) and data["speedup"] > 0
+    assert data["max_abs_noise_diff"] <= 1e-6 and data["max_abs_loss_diff"] <= 1e-5  # same numbers
+    assert data["includes"] and data["excludes"] and data["machine"]["cpu"]
