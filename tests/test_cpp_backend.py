@@ -269,6 +269,8 @@ def _bad_calls():
          r"grad_x overlaps grad_delta"),
         (lambda: _C.masked_linf_project_backward(x, d, m, 0.1, g, g, None), ValueError,
          r"grad_delta overlaps grad_out"),
+        (lambda: _C.all_finite(g.astype(np.float16)), TypeError, r"all_finite: a must be float32 or float64"),
+        (lambda: _C.all_binary(m[:, :, ::2]), ValueError, r"all_binary: a must be C-contiguous"),
     ]
 
 
@@ -288,3 +290,32 @@ def test_checks_never_copy_the_output():
     out[...] = 5.0
     _C.masked_linf_project(x, d, m, 0.1, out)
     assert np.abs(out).max() <= np.float32(0.1)
+
+
+# ------------------------------------------------------------------ value scans (the ops' input checks)
+# Each scan, the values it must refuse, and which values it accepts.
+SCANS = {"all_finite": (_C.all_finite, [np.nan, np.inf, -np.inf], np.isfinite),
+         "none_nan": (_C.none_nan, [np.nan, np.inf], lambda v: not np.isnan(v)),
+         "all_binary": (_C.all_binary, [np.nan, np.inf, 2.0, 0.5, -1.0, 1e-45], lambda v: v in (0.0, 1.0))}
+
+
+@pytest.mark.parametrize("name", SCANS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_value_scans_find_one_bad_value_anywhere(name, dtype, nthreads):
+    scan, values, accepts = SCANS[name]
+    # 4 x 8192 + 13 values: enough for the parallel split (>= 2**15), four full blocks, a short one, and
+    # a tail that the 8 accumulator lanes do not divide.
+    n = 4 * 8192 + 13
+    clean = (np.random.default_rng(2).random(n) < 0.5).astype(dtype)  # 0/1: clean for every rule
+    clean[7] = -0.0  # -0.0 is 0
+    assert scan(clean, nthreads)
+    for value in values:
+        for where in (0, 8191, 8192, n - 13, n - 1):
+            a = clean.copy()
+            a[where] = value
+            shaped = a.reshape(1, -1) if where % 2 else a  # any shape
+            assert scan(shaped, nthreads) is bool(accepts(a[where])), (value, where)
+    if name != "all_binary":  # large finite values are fine
+        wide = (np.random.default_rng(3).random(n) * 2 - 1).astype(dtype) * np.finfo(dtype).max
+        assert scan(wide, nthreads)
