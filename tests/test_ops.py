@@ -1,4 +1,5 @@
-"""Fused ops: every backend against the reference (outputs and gradients), invariants, bad input.
+"""Fused ops: every backend against the reference (outputs and gradients), invariants, bad input
+(arguments and values), out= layouts and the backend choice.
 
 One random input is built per case and cloned for each backend. Masks and the
 projection are compared bit for bit: the backends do the same IEEE operations in
@@ -6,12 +7,18 @@ the same order, so there is no tolerance to hide behind.
 """
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import salm_fast.ops as ops
+from salm_fast.ops import _backends
 from salm_fast.ops import _reference as ref
 
 from .conftest import assert_close_report
@@ -324,7 +331,12 @@ def _bad_cases():
         (lambda: ops.pgd_step(x, x, x, m, 0.1, -0.01), ValueError, r"alpha must be a finite number >= 0"),
         (lambda: ops.pgd_step(x, x, x, m, 0.1, 0.01, sign=0), ValueError, r"sign must be -1"),
         (lambda: ops.grad_magnitude(x, backend="cuda"), ValueError, r"unknown backend"),
-        (lambda: ops.grad_magnitude(x.half(), backend="cpp"), TypeError, r"cpp backend supports float32 and float64"),
+        (lambda: ops.grad_magnitude(x, backend=3), ValueError, r"unknown backend backend=3"),
+        (lambda: ops.masked_linf_project(x, x, m, torch.tensor(0.1, device="meta")), TypeError,
+         r"masked_linf_project: eps is a meta tensor, which has no value; pass a number"),
+        (lambda: ops.topk_mask(s, torch.tensor(3, device="meta")), TypeError, r"topk_mask: k is a meta tensor"),
+        (lambda: ops.pgd_step(x, x, x, m, 0.1, 0.01, out=x.numpy()), TypeError, r"out must be a torch.Tensor"),
+        (lambda: ops.masked_linf_project(x, x, m.cfloat(), 0.1), TypeError, r"mask must be real"),
     ]
 
 
@@ -364,3 +376,183 @@ def test_out_arguments_write_in_place(backend):
     assert torch.all(m.sum((1, 2, 3)) == 5)
     with pytest.raises(ValueError, match=r"out has shape"):
         ops.pgd_step(x, delta, g, mask, EPS, 0.01, out=delta[:1], backend=backend)
+
+
+# ------------------------------------------------------------------ never wrong silently: values
+def _poisoned(t: torch.Tensor, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[t.numel() // 2 + 1] = value
+    return t
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("name", ["x", "delta"])
+def test_nonfinite_images_and_perturbations_are_refused(backend, name, value):
+    x, delta, g, mask = make_inputs((2, 3, 9, 13), torch.float32, seed=41)
+    args = {"x": x, "delta": delta}
+    args[name] = _poisoned(args[name], value)
+    pattern = rf"^{{op}}: {name} contains NaN or inf$"
+    with pytest.raises(ValueError, match=pattern.format(op="masked_linf_project")):
+        ops.masked_linf_project(args["x"], args["delta"], mask, EPS, backend=backend)
+    d = args["delta"].clone()
+    with pytest.raises(ValueError, match=pattern.format(op="pgd_step")):
+        ops.pgd_step(args["x"], d, g, mask, EPS, EPS / 4, out=d, backend=backend)
+    assert_close_report(d, args["delta"], exact=True, what="out=delta after the refusal")  # nothing written
+
+
+def test_pgd_step_refuses_nan_gradients_but_steps_along_infinite_ones(backend):
+    x, delta, g, mask = make_inputs((2, 3, 9, 13), torch.float32, seed=43)
+    d = delta.clone()
+    with pytest.raises(ValueError, match=r"^pgd_step: g contains NaN \(its sign is undefined\)$"):
+        ops.pgd_step(x, d, _poisoned(g, float("nan")), mask, EPS, EPS / 4, out=d, backend=backend)
+    assert torch.equal(d, delta)  # checked before anything is written
+    g_inf = _poisoned(g, float("inf"))
+    expected = R.pgd_step(x, delta, g_inf, mask, EPS, -EPS / 4)
+    assert_close_report(ops.pgd_step(x, delta, g_inf, mask, EPS, EPS / 4, backend=backend), expected, exact=True,
+                        what="pgd_step with an infinite gradient")
+
+
+@pytest.mark.parametrize("value", [2.0, 0.5, -1.0, float("nan"), float("inf")])
+def test_masks_other_than_zero_one_are_refused(backend, value):
+    x, delta, g, mask = make_inputs((2, 3, 9, 13), torch.float32, seed=47)
+    bad = _poisoned(mask, value)
+    with pytest.raises(ValueError, match=r"^masked_linf_project: mask must hold only 0 and 1 .*, found "):
+        ops.masked_linf_project(x, delta, bad, EPS, backend=backend)
+    d = delta.clone()
+    with pytest.raises(ValueError, match=rf"^pgd_step: mask must hold only 0 and 1 .*, found {value!r}$"):
+        ops.pgd_step(x, d, g, bad, EPS, EPS / 4, out=d, backend=backend)
+    assert torch.equal(d, delta)
+
+
+def test_bool_and_integer_masks_are_selections(backend):
+    x, delta, g, mask = make_inputs((2, 3, 9, 13), torch.float32, seed=53)
+    expected = R.masked_linf_project(x, delta, mask, EPS)
+    for m in (mask.bool(), mask.to(torch.uint8), mask.to(torch.int64), mask.double()):
+        assert_close_report(ops.masked_linf_project(x, delta, m, EPS, backend=backend), expected, exact=True,
+                            what=f"mask of {m.dtype}")
+    with pytest.raises(ValueError, match=r"mask must hold only 0 and 1 .*, found 3$"):
+        ops.masked_linf_project(x, delta, mask.to(torch.int64) * 3, EPS, backend=backend)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_grad_magnitude_refuses_nonfinite_saliency(backend, p):
+    g = torch.randn((2, 3, 8, 8), generator=_gen(59))
+    with pytest.raises(ValueError, match=r"^grad_magnitude: g contains NaN or inf, or its saliency overflows "
+                                         r"torch.float32$"):
+        ops.grad_magnitude(_poisoned(g, float("nan")), p, backend=backend)
+    big = g.clone()
+    big[1, :, 5, 5] = 3e38 if p == 1 else 3e19  # finite gradient, saliency beyond float32
+    with np.errstate(over="ignore"):  # Triton's interpreter computes with numpy
+        with pytest.raises(ValueError, match=r"saliency overflows torch.float32"):
+            ops.grad_magnitude(big, p, backend=backend)
+        with pytest.raises(ValueError, match=r"^saliency_topk_mask: g contains NaN or inf, or its saliency overflows"):
+            ops.saliency_topk_mask(big, 3, p, backend=backend)
+
+
+# ------------------------------------------------------------------ out= in any layout
+def test_pgd_step_in_place_into_a_channels_last_delta(backend):
+    # The README's idiom, pgd_step(..., out=delta), with a channels_last delta (as a channels_last model yields).
+    x, delta, g, mask = make_inputs((2, 3, 12, 9), torch.float32, seed=61)
+    expected = R.pgd_step(x, delta, g, mask, EPS, EPS / 4)
+    d = delta.to(memory_format=torch.channels_last)
+    ptr = d.data_ptr()
+    result = ops.pgd_step(x, d, g, mask, EPS, EPS / 4, sign=1, out=d, backend=backend)
+    assert result is d and d.data_ptr() == ptr
+    assert d.is_contiguous(memory_format=torch.channels_last) and not d.is_contiguous()
+    assert_close_report(d, expected, exact=True, what="pgd_step out=channels_last delta")
+    cl = [t.to(memory_format=torch.channels_last) for t in (x, delta, g)]
+    out = torch.empty_like(cl[0])
+    ops.pgd_step(*cl, mask, EPS, EPS / 4, sign=1, out=out, backend=backend)
+    assert_close_report(out, expected, exact=True, what="pgd_step all channels_last")
+
+
+def test_masks_written_into_non_contiguous_out(backend):
+    _, _, g, _ = make_inputs((3, 3, 10, 11), torch.float32, seed=67)
+    expected = R.topk_mask(R.grad_magnitude(g, 1), 9)
+    big = torch.full((3, 1, 10, 22), 7.0)
+    view = big[..., ::2]  # every other column: strided
+    assert not view.is_contiguous()
+    ops.saliency_topk_mask(g, 9, out=view, backend=backend)
+    assert_close_report(view, expected, exact=True, what="saliency_topk_mask into a strided out")
+    assert torch.all(big[..., 1::2] == 7.0)
+    view.fill_(7.0)
+    ops.topk_mask(R.grad_magnitude(g, 1), 9, out=view, backend=backend)
+    assert_close_report(view, expected, exact=True, what="topk_mask into a strided out")
+
+
+def test_out_bumps_the_version_counter(backend):
+    x, delta, g, mask = make_inputs((2, 3, 8, 8), torch.float32, seed=71)
+    d = delta.clone()
+    before = d._version
+    ops.pgd_step(x, d, g, mask, EPS, EPS / 4, out=d, backend=backend)
+    assert d._version > before  # autograd sees the in-place update of a saved tensor
+
+
+# ------------------------------------------------------------------ backend choice
+def test_use_backend_leaves_the_environment_alone_and_nests(monkeypatch):
+    monkeypatch.delenv("SALM_FAST_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    with ops.use_backend("torch"):
+        assert "SALM_FAST_BACKEND" not in os.environ
+        assert _backends.select("t", cpu).NAME == "torch"
+        with ops.use_backend("cpp"):
+            assert _backends.select("t", cpu).NAME == "cpp"
+        assert _backends.select("t", cpu).NAME == "torch"
+        assert _backends.select("t", cpu, "cpp").NAME == "cpp"  # backend= wins
+        with ops.use_backend(None):
+            assert _backends.select("t", cpu).NAME == "torch"
+    assert _backends.select("t", cpu).NAME == "cpp"  # the CPU default again
+    monkeypatch.setenv("SALM_FAST_BACKEND", "nonsense")
+    with ops.use_backend("torch"):  # a use_backend block wins over the environment variable
+        assert torch.equal(ops.grad_magnitude(torch.ones(1, 1, 2, 2)), torch.ones(1, 2, 2))
+
+
+def test_use_backend_is_local_to_each_thread(monkeypatch):
+    monkeypatch.delenv("SALM_FAST_BACKEND", raising=False)
+    barrier = threading.Barrier(2, timeout=60)
+    seen: dict[str, tuple[str, str]] = {}
+
+    def worker(name: str) -> None:
+        with ops.use_backend(name):
+            barrier.wait()  # both threads are inside their own block now
+            inside = _backends.select("t", torch.device("cpu")).NAME
+            barrier.wait()
+        seen[name] = (inside, _backends.select("t", torch.device("cpu")).NAME)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in ("torch", "cpp")]
+    with ops.use_backend("torch"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert seen == {"torch": ("torch", "cpp"), "cpp": ("cpp", "cpp")}
+
+
+def test_use_backend_is_local_to_each_asyncio_task(monkeypatch):
+    monkeypatch.delenv("SALM_FAST_BACKEND", raising=False)
+
+    async def task(name: str | None) -> list[str]:
+        names = []
+        with ops.use_backend(name):
+            for _ in range(3):
+                names.append(_backends.select("t", torch.device("cpu")).NAME)
+                await asyncio.sleep(0)  # let the other tasks run inside their blocks
+        return names
+
+    async def main():
+        return await asyncio.gather(task("torch"), task("cpp"), task(None))
+
+    assert asyncio.run(main()) == [["torch"] * 3, ["cpp"] * 3, ["cpp"] * 3]
+
+
+def test_check_backend_says_why_in_one_line(monkeypatch):
+    assert ops.check_backend("torch") is None and ops.check_backend(None) is None
+    with pytest.raises(ValueError, match=r"^unknown backend 'cuda'; choose one of torch, cpp, triton$"):
+        ops.check_backend("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"^backend 'triton' is unavailable: no CUDA device"):
+            ops.check_backend("triton")
+        with pytest.raises(RuntimeError, match=r"^backend 'triton' is unavailable"):
+            with ops.use_backend("triton"):
+                pass

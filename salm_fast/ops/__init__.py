@@ -1,4 +1,4 @@
-"""Fused ops of the protection loop, as PyTorch autograd functions.
+"""Fused ops of the protection loop, registered as ``torch.ops.salm_fast.<op>``.
 
 All ops take images and gradients as N x C x H x W float tensors; masks are
 N x 1 x H x W {0, 1} in the images' dtype and are shared by all channels.
@@ -10,28 +10,36 @@ N x 1 x H x W {0, 1} in the images' dtype and are shared by all channels.
 >>> bool((delta.abs() <= 8/255).all()), int(mask.sum()) == 4 * 78
 (True, True)
 
-Backends (``backend=`` argument or ``SALM_FAST_BACKEND``): ``torch`` (reference),
-``cpp`` (CPU), ``triton`` (CUDA); see :func:`available_backends`.
+Backends (``backend=`` argument, :func:`use_backend` or ``SALM_FAST_BACKEND``): ``torch``
+(reference), ``cpp`` (CPU), ``triton`` (CUDA); see :func:`available_backends`.
+
+Each function here checks its Python arguments and calls the registered op
+(:mod:`._library`), so the ops work under ``torch.compile``, ``torch.export`` and on meta
+tensors (shapes only). Inputs are checked before anything is written: NaN/inf in images,
+perturbations or saliencies, NaN in gradients and masks other than {0, 1} raise one-line
+ValueErrors (cost: one extra read of each input; see each op). float16 and bfloat16 are
+computed in float32 and rounded back within the budget (:mod:`._precision`).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _checks as C
-from ._backends import BACKENDS, ENV_VAR, BackendStatus, available_backends, backend_status, select
+from . import _library
+from ._backends import BACKENDS, BackendStatus, available_backends, backend_status, check_backend, use_backend
 
 __all__ = [
     "BACKENDS",
     "BackendStatus",
     "GradMagnitudeFunction",
     "MaskedLinfProjectFunction",
+    "MaskedLinfProject",
+    "SaliencyTopKMask",
     "available_backends",
+    "backend_status",
+    "check_backend",
     "grad_magnitude",
     "masked_linf_project",
     "pgd_step",
@@ -42,49 +50,45 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def use_backend(name: str | None) -> Iterator[None]:
-    """Run the enclosed code with every op forced onto backend ``name`` (None: the default).
-
-    Checks up front that the backend can run here, so a long job fails before it starts.
-    """
-    if name is None:
-        yield
-        return
-    status = backend_status(name)  # raises on an unknown name
-    if not status.available:
-        raise RuntimeError(f"backend {name!r} is unavailable: {status.reason}")
-    previous = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = previous
-
-
 def resolve_k(k: int | float, hw: int) -> int:
     """The pixel count that ``k`` (int pixels or float fraction of ``hw``) stands for."""
     return C.resolve_k("resolve_k", k, hw)
 
 
+def _backend_arg(op: str, backend: object) -> str | None:
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"{op}: unknown backend backend={backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _tensors(op: str, **named: object) -> None:
+    for name, t in named.items():
+        C.check_is_tensor(op, name, t)
+
+
 # ---------------------------------------------------------------- grad_magnitude
+def grad_magnitude(g: Tensor, p: int = 1, *, backend: str | None = None) -> Tensor:
+    """Per-pixel gradient magnitude (saliency), N x C x H x W -> N x H x W.
+
+    ``p=1``: sum over channels of |g|; ``p=2``: sqrt of the sum of squares.
+    Differentiable with respect to ``g``. A NaN/inf saliency (g holds NaN/inf, or the sum
+    overflows the dtype) raises ValueError; the check reads the N x H x W output once.
+    """
+    op = "grad_magnitude"
+    _tensors(op, g=g)
+    return torch.ops.salm_fast.grad_magnitude(g, C.check_p(op, p), _backend_arg(op, backend))
+
+
 class GradMagnitudeFunction(torch.autograd.Function):
-    """Per-pixel saliency s = sum_c |g| (p=1) or sqrt(sum_c g^2) (p=2); N x C x H x W -> N x H x W."""
+    """:func:`grad_magnitude` as an autograd Function (``.apply(g, p, backend)``).
+
+    Kept for code that calls it; the function itself is already differentiable.
+    """
 
     @staticmethod
     def forward(ctx, g: Tensor, p: int, backend: str | None) -> Tensor:  # type: ignore[override]
-        op = "grad_magnitude"
-        C.check_tensor(op, "g", g, 4)
-        p = C.check_p(op, p)
-        impl = select(op, g.device, backend)
-        C.check_dtype_for_backend(op, impl.NAME, g)
-        g = g.contiguous()
-        s = g.new_empty((g.shape[0], g.shape[2], g.shape[3]))
-        impl.grad_magnitude(g.detach(), p, s)
-        ctx.p = p
+        s = grad_magnitude(g, p, backend=backend)
+        ctx.p = C.check_p("grad_magnitude", p)
         ctx.save_for_backward(g, s)
         return s
 
@@ -92,58 +96,28 @@ class GradMagnitudeFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_s: Tensor):  # type: ignore[override]
         g, s = ctx.saved_tensors
-        gs = grad_s.unsqueeze(1)
-        if ctx.p == 1:
-            return gs * torch.sign(g), None, None
-        # d sqrt(sum g^2)/dg = g / s; the subgradient 0 is used where s == 0.
-        safe = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
-        return torch.where(s.unsqueeze(1) > 0, gs * g / safe, torch.zeros_like(g)), None, None
-
-
-def grad_magnitude(g: Tensor, p: int = 1, *, backend: str | None = None) -> Tensor:
-    """Per-pixel gradient magnitude (saliency), N x C x H x W -> N x H x W.
-
-    ``p=1``: sum over channels of |g|; ``p=2``: sqrt of the sum of squares.
-    Differentiable with respect to ``g``.
-    """
-    return GradMagnitudeFunction.apply(g, p, backend)
+        return _library.grad_magnitude_backward(g, s, ctx.p, grad_s), None, None
 
 
 # ---------------------------------------------------------------- top-k masks
-def _mask_out(op: str, ref: Tensor, n: int, h: int, w: int, out: Tensor | None) -> Tensor:
-    if out is None:
-        return ref.new_empty((n, 1, h, w))
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
-    C.check_same(op, "the input", ref, "out", out, (n, 1, h, w))
-    if not out.is_contiguous():
-        raise ValueError(f"{op}: out must be contiguous")
-    return out
-
-
-def _finish_mask(op: str, finite: bool, name: str, mask: Tensor) -> Tensor:
-    if not finite:
-        raise ValueError(f"{op}: {name} contains NaN or inf; the saliency ranking is undefined")
-    return mask
-
-
 def topk_mask(s: Tensor, k: int | float, *, out: Tensor | None = None, backend: str | None = None) -> Tensor:
     """N x H x W saliency -> N x 1 x H x W {0,1} mask with exactly k ones per image.
 
     The k largest saliencies of each image win; equal saliencies go to the lower
     flat index (h * W + w), so every backend gives the same mask bit for bit.
     ``k``: int pixel count in [1, H*W], or float fraction in (0, 1] (rounded half
-    up, at least 1 pixel). Not differentiable (the mask is a selection).
+    up, at least 1 pixel). Not differentiable (the mask is a selection). NaN/inf in
+    ``s`` raise ValueError (found by the ranking kernel itself, no extra pass); ``out``
+    (any layout) is then left unspecified.
     """
     op = "topk_mask"
-    C.check_tensor(op, "s", s, 3)
-    impl = select(op, s.device, backend)
-    C.check_dtype_for_backend(op, impl.NAME, s)
-    n, h, w = s.shape
-    kk = C.resolve_k(op, k, h * w)
-    mask = _mask_out(op, s, n, h, w, out)
-    with torch.no_grad():
-        return _finish_mask(op, impl.topk_mask(s.detach().contiguous(), kk, mask), "s", mask)
+    _tensors(op, s=s)
+    k, backend = C.check_k(op, k), _backend_arg(op, backend)
+    if out is None:
+        return torch.ops.salm_fast.topk_mask(s, k, backend)
+    _tensors(op, out=out)
+    torch.ops.salm_fast.topk_mask_out(s, k, backend, out)
+    return out
 
 
 def saliency_topk_mask(
@@ -152,67 +126,56 @@ def saliency_topk_mask(
     """Fused ``topk_mask(grad_magnitude(g, p), k)``: gradient in, mask out.
 
     The C++ and Triton backends never materialize the N x H x W saliency; the
-    result is bit-identical to the unfused composition.
+    result is bit-identical to the unfused composition (in every dtype). A NaN/inf
+    saliency raises ValueError, found by the kernel itself (no extra pass).
     """
     op = "saliency_topk_mask"
-    C.check_tensor(op, "g", g, 4)
-    p = C.check_p(op, p)
-    impl = select(op, g.device, backend)
-    C.check_dtype_for_backend(op, impl.NAME, g)
-    n, _, h, w = g.shape
-    kk = C.resolve_k(op, k, h * w)
-    mask = _mask_out(op, g, n, h, w, out)
-    with torch.no_grad():
-        return _finish_mask(op, impl.saliency_topk_mask(g.detach().contiguous(), kk, p, mask), "g", mask)
+    _tensors(op, g=g)
+    k, p, backend = C.check_k(op, k), C.check_p(op, p), _backend_arg(op, backend)
+    if out is None:
+        return torch.ops.salm_fast.saliency_topk_mask(g, k, p, backend)
+    _tensors(op, out=out)
+    torch.ops.salm_fast.saliency_topk_mask_out(g, k, p, backend, out)
+    return out
 
 
 # ---------------------------------------------------------------- projection
-def _check_project(op: str, x: Tensor, delta: Tensor, mask: Tensor, eps: object, backend: str | None):
-    C.check_tensor(op, "x", x, 4)
-    C.check_tensor(op, "delta", delta, 4)
-    C.check_same(op, "x", x, "delta", delta, tuple(x.shape))
-    mask = C.check_mask(op, x, mask)
-    eps = C.check_eps(op, eps)
-    impl = select(op, x.device, backend)
-    C.check_dtype_for_backend(op, impl.NAME, x)
-    return impl, mask, eps
-
-
-class MaskedLinfProjectFunction(torch.autograd.Function):
-    """delta' = clamp(clamp(delta * mask, -eps, eps), -x, 1 - x).
-
-    Gradients: to ``delta`` and ``x``, the subgradients PyTorch's clamp defines
-    (bounds inclusive); ``mask`` and ``eps`` get none.
-    """
-
-    @staticmethod
-    def forward(ctx, x, delta, mask, eps, backend):  # type: ignore[override]
-        impl, mask, eps = _check_project("masked_linf_project", x, delta, mask, eps, backend)
-        x, delta = x.contiguous(), delta.contiguous()
-        ctx.impl, ctx.eps = impl, eps
-        ctx.save_for_backward(x, delta, mask)
-        out = torch.empty_like(delta, memory_format=torch.contiguous_format)
-        impl.masked_linf_project(x.detach(), delta.detach(), mask, eps, out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, delta, mask = ctx.saved_tensors
-        grad_delta = torch.empty_like(delta)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        ctx.impl.masked_linf_project_backward(x, delta, mask, ctx.eps, grad_out.contiguous(), grad_delta, grad_x)
-        return grad_x, grad_delta, None, None, None
-
-
 def masked_linf_project(
     x: Tensor, delta: Tensor, mask: Tensor, eps: float, *, backend: str | None = None
 ) -> Tensor:
     """Restrict ``delta`` to ``mask``, clip it to [-eps, eps] and keep x + delta in [0, 1].
 
-    Differentiable with respect to ``delta`` (a generator trains through it) and ``x``.
+    delta' = clamp(clamp(delta * mask, -eps, eps), -x, 1 - x). Differentiable with respect
+    to ``delta`` (a generator trains through it) and ``x``: the subgradients PyTorch's clamp
+    defines (bounds inclusive); ``mask`` and ``eps`` get none. ``mask``: N x 1 x H x W of
+    any real dtype holding only 0 and 1. NaN/inf in ``x`` or ``delta`` and any other mask
+    value raise ValueError before anything is computed (cost: one extra read of x, delta
+    and mask).
     """
-    return MaskedLinfProjectFunction.apply(x, delta, mask, eps, backend)
+    op = "masked_linf_project"
+    _tensors(op, x=x, delta=delta, mask=mask)
+    return torch.ops.salm_fast.masked_linf_project(x, delta, mask, C.check_eps(op, eps), _backend_arg(op, backend))
+
+
+class MaskedLinfProjectFunction(torch.autograd.Function):
+    """:func:`masked_linf_project` as an autograd Function (``.apply(x, delta, mask, eps, backend)``).
+
+    Kept for code that calls it; the function itself is already differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, mask, eps, backend):  # type: ignore[override]
+        out = masked_linf_project(x, delta, mask, eps, backend=backend)
+        ctx.eps = C.check_eps("masked_linf_project", eps)
+        ctx.backend = _library.resolved_backend("masked_linf_project", x, backend)
+        ctx.save_for_backward(x, delta, mask)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_x, grad_delta = _library.masked_linf_project_autograd_grads(ctx, grad_out)
+        return grad_x, grad_delta, None, None, None
 
 
 def pgd_step(
@@ -230,25 +193,74 @@ def pgd_step(
     """One fused PGD step: ``masked_linf_project(x, delta + sign * alpha * sign(g), mask, eps)``.
 
     ``sign=-1`` descends the loss (error-minimizing noise), ``sign=+1`` ascends it
-    (error-maximizing / adversarial). No autograd graph. ``out`` (contiguous, shaped
-    like x) receives the result; ``out=delta`` updates the perturbation in place.
+    (error-maximizing / adversarial). No autograd graph. ``out`` (shaped like x, any
+    layout: a channels_last one is filled through a contiguous temporary) receives the
+    result; ``out=delta`` updates the perturbation in place. NaN/inf in ``x`` or
+    ``delta``, NaN in ``g`` (its sign is undefined; inf is a direction) and mask values
+    other than 0 and 1 raise ValueError before anything is written (cost: one extra read
+    of x, delta, g and mask: on the CPU one vectorized pass per tensor, no allocation).
     """
     op = "pgd_step"
-    impl, mask, eps = _check_project(op, x, delta, mask, eps, backend)
-    C.check_tensor(op, "g", g, 4)
-    C.check_same(op, "x", x, "g", g, tuple(x.shape))
-    alpha = C.check_eps(op, alpha, "alpha")
-    if sign not in (-1, 1) or isinstance(sign, bool):
-        raise ValueError(f"{op}: sign must be -1 (minimize the loss) or +1 (maximize it), got {sign!r}")
+    _tensors(op, x=x, delta=delta, g=g, mask=mask)
+    eps, alpha = C.check_eps(op, eps), C.check_eps(op, alpha, "alpha")
+    sign, backend = C.check_sign(op, sign), _backend_arg(op, backend)
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    else:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
-        C.check_same(op, "x", x, "out", out, tuple(x.shape))
-        if not out.is_contiguous():
-            raise ValueError(f"{op}: out must be contiguous (out=delta needs a contiguous delta)")
-    with torch.no_grad():
-        impl.pgd_step(x.detach().contiguous(), delta.detach().contiguous(), g.detach().contiguous(), mask, eps,
-                      sign * alpha, out.detach())
+        return torch.ops.salm_fast.pgd_step(x, delta, g, mask, eps, alpha, sign, backend)
+    _tensors(op, out=out)
+    torch.ops.salm_fast.pgd_step_out(x, delta, g, mask, eps, alpha, sign, backend, out)
     return out
+
+
+# ---------------------------------------------------------------- nn.Module wrappers
+class SaliencyTopKMask(nn.Module):
+    """Gradient in, top-k saliency mask out: :func:`saliency_topk_mask` as a module.
+
+    ``k``: int pixels or float fraction of H*W per image; ``p``: 1 (sum of |g| over
+    channels) or 2 (L2 norm). No parameters or buffers; forward(g: N x C x H x W) ->
+    N x 1 x H x W {0, 1} mask with exactly k ones per image.
+
+    >>> mask = SaliencyTopKMask(k=0.1)(torch.randn(2, 3, 28, 28))
+    >>> mask.shape, int(mask.sum())
+    (torch.Size([2, 1, 28, 28]), 156)
+    """
+
+    def __init__(self, k: int | float, p: int = 1, *, backend: str | None = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        self.k = C.check_k(name, k)
+        C.resolve_k(name, self.k, 1 << 62)  # the fraction's range now; an int k meets H*W at forward
+        self.p = C.check_p(name, p)
+        check_backend(backend)
+        self.backend = backend
+
+    def forward(self, g: Tensor) -> Tensor:
+        return saliency_topk_mask(g, self.k, self.p, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k!r}, p={self.p}" + (f", backend={self.backend!r}" if self.backend else "")
+
+
+class MaskedLinfProject(nn.Module):
+    """The L-inf budget as a module: :func:`masked_linf_project` with a fixed ``eps``.
+
+    forward(x, delta, mask) -> delta restricted to the {0, 1} mask, clipped to [-eps, eps]
+    and cut so that x + delta stays in [0, 1]; differentiable in x and delta (e.g. the
+    last layer of a noise generator). No parameters or buffers.
+
+    >>> project = MaskedLinfProject(eps=8 / 255)
+    >>> x = torch.rand(2, 1, 8, 8); mask = torch.ones(2, 1, 8, 8)
+    >>> bool((project(x, torch.randn_like(x), mask).abs() <= 8 / 255).all())
+    True
+    """
+
+    def __init__(self, eps: float, *, backend: str | None = None) -> None:
+        super().__init__()
+        self.eps = C.check_eps(type(self).__name__, eps)
+        check_backend(backend)
+        self.backend = backend
+
+    def forward(self, x: Tensor, delta: Tensor, mask: Tensor) -> Tensor:
+        return masked_linf_project(x, delta, mask, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps!r}" + (f", backend={self.backend!r}" if self.backend else "")

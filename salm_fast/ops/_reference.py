@@ -6,8 +6,9 @@ float32 and float64. The arithmetic is therefore written out in a fixed order
 on reductions whose order PyTorch may choose.
 
 Backend contract (shared by ``_cpp`` and ``_triton``): inputs arrive validated,
-contiguous and of one dtype (the mask converted to it); ``k`` is already a pixel
-count and ``alpha`` already carries the PGD sign. The dispatcher allocates every
+contiguous and of one dtype, float32 or float64 (the mask converted to it; half
+precision widened, see ``_precision``); ``k`` is already a pixel count and ``alpha``
+already carries the PGD sign. The dispatcher allocates every
 output and the backend fills it; ``out`` may alias ``delta`` in ``pgd_step``.
 """
 from __future__ import annotations
