@@ -179,3 +179,15 @@ def test_autograd_function_classes_still_work():
     ops.MaskedLinfProjectFunction.apply(x, d1, mask, EPS, "cpp").sum().backward()
     ops.masked_linf_project(x, d2, mask, EPS).sum().backward()
     assert_close_report(d1.grad, d2.grad, exact=True, what="Function vs registered op gradient")
+
+
+def test_export_keeps_the_ops_in_the_graph():
+    class Protect(torch.nn.Module):
+        def forward(self, x, delta, g):
+            return ops.pgd_step(x, delta, g, ops.SaliencyTopKMask(0.2)(g), EPS, EPS / 4)
+
+    x, delta, g, _ = _inputs(torch.float32, seed=15)
+    exported = torch.export.export(Protect(), (x, delta, g))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets == ["salm_fast.saliency_topk_mask.default", "salm_fast.pgd_step.default"]
+    assert_close_report(exported.module()(x, delta, g), Protect()(x, delta, g), exact=True, what="exported")
