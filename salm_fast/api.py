@@ -159,14 +159,6 @@ def _check_workdir(workdir: Path, out: Path) -> None:
     check_out_dir(workdir)
 
 
-def _check_backend(name: str | None) -> None:
-    if name is None:
-        return
-    status = ops.backend_status(name)  # ValueError naming the backends on an unknown name
-    if not status.available:
-        raise RuntimeError(f"backend {name!r} is unavailable: {status.reason}")
-
-
 def _build_method(method: str, eps: float | str | None, k: int | float | None, seed: int,
                   precision: str | None, options: dict[str, Any]) -> Method:
     """The method with its options; ``precision`` goes into a bi-level method's loop config."""
@@ -220,7 +212,7 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
          **options: Any) -> ProtectPlan:
     """Check every argument of :func:`protect` (same signature), the data and the folders; write nothing."""
     algo = _build_method(method, eps, k, seed, precision, dict(options))
-    _check_backend(backend)
+    ops.check_backend(backend)  # a plain check: unknown (ValueError) or unavailable here (RuntimeError)
     ds = _as_dataset(data)
     chosen = _resolve_splits(ds, splits)
     algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
