@@ -8,6 +8,10 @@ noise search through a ``PerturbationTool``. Code written against it changes one
     from salm_fast.compat import PerturbationTool   # after: same calls, same numbers
 
 and its PGD steps run on :func:`salm_fast.ops.pgd_step` / :func:`salm_fast.ops.masked_linf_project`.
+Same numbers means: each step agrees with the reference's to float rounding (the fused step works on
+the perturbation, the reference on the perturbed image: ~1e-8 apart); over many steps, sign() can turn
+such a difference at a near-zero gradient into a whole step, just as running the reference itself with
+another thread count does (``python -m bench compat`` measures both).
 What the tool does (the reference's semantics, kept):
 
 * ``PerturbationTool(seed=0, epsilon=8/255, num_steps=20, step_size=2/255)`` seeds NumPy's

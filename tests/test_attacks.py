@@ -233,3 +233,17 @@ def test_normalization_arguments_checked():
 
 def test_docstring_examples_run():
     assert doctest.testmod(attacks).failed == 0
+
+
+def test_readme_example_runs_and_holds_its_comments():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Drop-in attacks for existing code", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), scope)
+    x, x_adv = scope["x"], scope["x_unlearnable"]
+    assert_budget(x, x_adv, 78)
+    assert_budget(x, scope["x_adversarial"])
