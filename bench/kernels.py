@@ -9,7 +9,8 @@ What one timing includes: the wall-clock time (``time.perf_counter``; on CUDA be
 calls. The backend columns call the backend functions with preallocated outputs (the
 backend contract: the dispatcher allocates, the backend fills), which excludes argument
 validation and the page faults of freshly allocated outputs; the ``pgd_step (alloc)`` row
-calls the public ``salm_fast.ops.pgd_step`` without ``out=`` for every variant instead.
+calls the public ``salm_fast.ops.pgd_step`` without ``out=`` for every variant instead
+(the registered op: argument checks, the value checks' extra read of the inputs, allocation).
 Eager PyTorch is the unfused composition a user would write, temporaries and all.
 Bytes moved count each input read once and each output written once; GB/s is bytes over
 the median time, and "% copy" compares it with the copy bandwidth measured in the same
@@ -314,7 +315,8 @@ def markdown(result: dict) -> str:
         "`delta + alpha*g.sign()` then the projection); it allocates its temporaries and result on every call.",
         "- **torch** / **cpp**: the backend functions with preallocated outputs (the backend contract), so "
         "neither argument checks nor the page faults of fresh large allocations are timed; "
-        "the `pgd_step (alloc)` row calls the public `ops.pgd_step` without `out=` (allocating) for every column.",
+        "the `pgd_step (alloc)` row calls the public `ops.pgd_step` without `out=` (allocating, with its argument "
+        "and value checks) for every column.",
         "- **GB/s**: bytes moved (each input read once, each output written once) / median time; "
         "**% copy**: that over the copy bandwidth of `dst.copy_(src)` measured in the same run "
         f"(2 x bytes / time, {cfg['copy_mib']} MiB float32 buffers). Small shapes fit in the caches and "

@@ -74,10 +74,6 @@ def _mask_shape(t: Tensor) -> tuple[int, int, int, int]:
     return (t.shape[0], 1, t.shape[-2], t.shape[-1])
 
 
-def _check_out(op: str, ref_name: str, ref: Tensor, out: Tensor, shape: tuple[int, ...]) -> None:
-    C.check_same(op, ref_name, ref, "out", out, shape)
-
-
 def _check_grad_magnitude(op: str, g: Tensor, p: int) -> None:
     C.check_tensor(op, "g", g, 4)
     C.check_p(op, p)
@@ -86,14 +82,14 @@ def _check_grad_magnitude(op: str, g: Tensor, p: int) -> None:
 def _check_topk(op: str, s: Tensor, k: object, out: Tensor | None) -> int:
     C.check_tensor(op, "s", s, 3)
     if out is not None:
-        _check_out(op, "the input", s, out, (s.shape[0], 1, s.shape[1], s.shape[2]))
+        C.check_same(op, "the input", s, "out", out, _mask_shape(s))
     return C.resolve_k(op, k, s.shape[1] * s.shape[2])
 
 
 def _check_saliency_topk(op: str, g: Tensor, k: object, p: int, out: Tensor | None) -> int:
     _check_grad_magnitude(op, g, p)
     if out is not None:
-        _check_out(op, "the input", g, out, _mask_shape(g))
+        C.check_same(op, "the input", g, "out", out, _mask_shape(g))
     return C.resolve_k(op, k, g.shape[2] * g.shape[3])
 
 
@@ -112,7 +108,7 @@ def _check_pgd(op: str, x, delta, g, mask, eps, alpha, sign, out) -> float:
     C.check_eps(op, alpha, "alpha")
     C.check_sign(op, sign)
     if out is not None:
-        _check_out(op, "x", x, out, tuple(x.shape))
+        C.check_same(op, "x", x, "out", out, tuple(x.shape))
     return eps
 
 
