@@ -198,7 +198,10 @@ def pgd_step(
     result; ``out=delta`` updates the perturbation in place. NaN/inf in ``x`` or
     ``delta``, NaN in ``g`` (its sign is undefined; inf is a direction) and mask values
     other than 0 and 1 raise ValueError before anything is written (cost: one extra read
-    of x, delta, g and mask: on the CPU one vectorized pass per tensor, no allocation).
+    of x, delta, g and mask: on the CPU one vectorized pass per tensor, no allocation; one
+    thread of a 2-core CPU: +40% for a 64 x 3 x 28 x 28 batch in cache, +90% for a memory-bound
+    256 x 3 x 64 x 64 one, 0.1% of a SALM protection run; elsewhere one reduction per tensor and one
+    host synchronization).
     """
     op = "pgd_step"
     _tensors(op, x=x, delta=delta, g=g, mask=mask)
