@@ -255,22 +255,25 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench compat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny configuration (64 images, 1 round, 1 repeat)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per variant (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(THREADS) first")
+    parser.add_argument("--repeats", type=_at_least_one, default=None, help="timed runs per variant (default 3)")
+    parser.add_argument("--threads", type=_at_least_one, default=None, help="torch.set_num_threads(THREADS) first")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results (default bench/results_compat.json; --quick: results_compat.quick.json)")
     args = parser.parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
     if args.repeats is not None:
-        if args.repeats < 1:
-            parser.error("--repeats must be >= 1")
         cfg = Config(**{**asdict(cfg), "repeats": args.repeats})
     out = args.out or BENCH_DIR / ("results_compat.quick.json" if args.quick else "results_compat.json")
 
