@@ -7,6 +7,11 @@ levels here, once, so that every evaluation trains on exactly the stored bytes:
   would silently erase every |delta| < 0.5/255) and by at most ``floor(eps * 255)``
   levels, so the L-inf budget holds on the stored bytes, not just on the float tensor;
 * pixels the perturbation leaves at 0 stay byte-identical, so L0 never grows.
+
+Images stored at a higher bit depth (12/16-bit DICOM, 16-bit PNG/TIFF) go through the same rule
+on their own grid (:func:`stored_steps`, :func:`measure_stored_budget`): eps is a fraction of the
+stored range ``maxval = 2**bits - 1``, so a pixel moves by at most ``floor(eps * maxval)`` stored
+levels (8/255 of a 12-bit range: 128 levels).
 """
 from __future__ import annotations
 
@@ -23,7 +28,12 @@ LEVELS = 255
 
 def budget_levels(eps: float) -> int:
     """The largest whole number of 8-bit levels within an L-inf budget ``eps`` (in [0, 1] units)."""
-    return int(math.floor(eps * LEVELS + 1e-6))
+    return stored_budget_levels(eps, LEVELS)
+
+
+def stored_budget_levels(eps: float, maxval: int) -> int:
+    """The largest whole number of stored levels within ``eps``, a fraction of the stored range [0, maxval]."""
+    return int(math.floor(eps * maxval + 1e-6))
 
 
 def parse_eps(value: object) -> float:
@@ -64,13 +74,24 @@ def quantize_release(images: Tensor, delta: Tensor, eps: float) -> Tensor:
         raise ValueError(f"delta has shape {tuple(delta.shape)}, images {tuple(images.shape)}")
     if not bool(torch.isfinite(delta).all()):
         raise ValueError("delta contains NaN or inf")
-    eps = parse_eps(eps)  # eps < 1/255 would clamp every step to 0 and silently erase the perturbation
-    levels = budget_levels(eps)
-    scaled = delta.double() * LEVELS
-    magnitude = scaled.abs().round().clamp(1, levels)  # >= 1 level where delta != 0
-    step = torch.where(scaled != 0, torch.sign(scaled) * magnitude, torch.zeros_like(scaled))
+    step = stored_steps(delta, eps, LEVELS)
     out = (images.to(torch.int16) + step.to(torch.int16)).clamp(0, LEVELS)
     return out.to(torch.uint8)
+
+
+def stored_steps(delta: Tensor, eps: float, maxval: int | Tensor) -> Tensor:
+    """A float perturbation ([0, 1] units) as whole steps on a grid of ``maxval + 1`` levels (int64, same shape).
+
+    ``maxval``: an int, or a tensor that broadcasts against ``delta`` (one per image: N x 1 x 1 x 1).
+    Each nonzero entry becomes at least 1 and at most ``floor(eps * maxval)`` levels, with its sign;
+    zeros stay 0. The caller adds the steps to the stored values and clamps to the stored range.
+    """
+    eps = parse_eps(eps)  # eps < 1/255 would clamp every step to 0 and silently erase the perturbation
+    maxval = torch.as_tensor(maxval, dtype=torch.float64)
+    levels = torch.floor(eps * maxval + 1e-6)
+    scaled = delta.double() * maxval
+    magnitude = torch.minimum(scaled.abs().round().clamp(min=1), levels)  # >= 1 level where delta != 0
+    return torch.where(scaled != 0, torch.sign(scaled) * magnitude, torch.zeros_like(scaled)).to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,16 @@ def measure_budget(clean: np.ndarray | Tensor, release: np.ndarray | Tensor) -> 
     a, b = _as_tensor(clean), _as_tensor(release)
     if a.dtype != torch.uint8 or b.dtype != torch.uint8:  # float [0, 1] images would truncate to 0 here
         raise TypeError(f"clean and release must be uint8 (stored bytes), got {a.dtype} and {b.dtype}")
-    a, b = a.to(torch.int16), b.to(torch.int16)
+    return measure_stored_budget(a, b, LEVELS)
+
+
+def measure_stored_budget(clean: np.ndarray | Tensor, release: np.ndarray | Tensor, maxval: int) -> BudgetReport:
+    """:func:`measure_budget` on integer stored values of range ``maxval`` (e.g. 4095 for 12-bit):
+    ``linf_levels`` in stored levels, ``linf`` as a fraction of the stored range."""
+    a, b = _as_tensor(clean), _as_tensor(release)
+    if a.is_floating_point() or b.is_floating_point() or a.dtype == torch.bool or b.dtype == torch.bool:
+        raise TypeError(f"clean and release must be integer stored values, got {a.dtype} and {b.dtype}")
+    a, b = a.to(torch.int32), b.to(torch.int32)
     if a.shape != b.shape:
         raise ValueError(f"clean {tuple(a.shape)} and release {tuple(b.shape)} differ in shape")
     if a.dim() not in (3, 4):
@@ -110,7 +140,7 @@ def measure_budget(clean: np.ndarray | Tensor, release: np.ndarray | Tensor) -> 
     per_image = changed.reshape(n, -1).sum(1)
     linf_levels = int(diff.max()) if diff.numel() else 0
     return BudgetReport(
-        linf=linf_levels / LEVELS,
+        linf=linf_levels / maxval,
         linf_levels=linf_levels,
         l0_fraction=float(changed.float().mean()),
         l0_max_per_image=int(per_image.max()) if n else 0,

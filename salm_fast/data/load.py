@@ -3,7 +3,8 @@
 Spec syntax:
 
 * ``path/to/file.npz``: a MedMNIST-format file (:func:`load_medmnist`).
-* ``path/to/folder``: an image folder with ``labels.csv`` (:func:`load_image_folder`).
+* ``path/to/folder``: an image folder with ``labels.csv`` (:func:`load_image_folder`): 8-bit
+  PNG/JPEG, 16-bit PNG/TIFF or DICOM files; ``resize=(h, w)`` resizes every image on reading.
 * ``combine:a.npz+b.npz``: the classes of several sources in one dataset
   (:func:`salm_fast.data.combine.combine`; b's labels follow a's).
 * ``synthetic`` or ``synthetic:key=value,...``: the built-in dataset (:func:`make_synthetic`).
@@ -61,8 +62,16 @@ def parse_synthetic_spec(spec: str) -> dict[str, int]:
     return kwargs
 
 
-def load_dataset(spec: str | os.PathLike[str]) -> Dataset:
-    """Open a dataset from a path or a spec (see the module docstring); raise DataError otherwise."""
+def load_dataset(spec: str | os.PathLike[str], *, resize: tuple[int, int] | str | None = None) -> Dataset:
+    """Open a dataset from a path or a spec (see the module docstring); raise DataError otherwise.
+
+    ``resize`` (``(h, w)`` or ``"HxW"``) applies to image folders only: other sources are refused with it.
+    """
+    if resize is not None:
+        path = Path(spec) if isinstance(spec, (str, os.PathLike)) else None
+        if path is None or not path.is_dir():
+            raise DataError(f"{spec}: resize applies to image folders (PNG/JPEG/TIFF/DICOM with labels.csv) only")
+        return load_image_folder(path, resize=resize)
     if isinstance(spec, str) and spec.partition(":")[0].strip() == "synthetic":
         return make_synthetic(**parse_synthetic_spec(spec))
     if isinstance(spec, str) and spec.startswith("combine:"):
