@@ -17,6 +17,12 @@ one seeded ``torch.Generator`` whose state is checkpointed with everything else)
 The noise sees the loop through a :class:`~salm_fast.noise.LoopView` that the trainer owns.
 A round hook (e.g. SALM's mask refresh) returns a new mask or None; the trainer applies it
 and tells the noise (:meth:`BiLevelTrainer.apply_mask`).
+
+Data and device: the trainer takes its images through a
+:class:`~salm_fast.data.view.ImageView` (uint8 as stored, float made per batch on the device),
+keeps the labels and the uint8 mask on the device, and puts every surrogate it builds there;
+the loop's random stream stays on the CPU (the same draws on every device). Nothing in it is
+global: a trainer is its data view, its models and its stream, so several can run side by side.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 
 from . import surrogate as S
 from .data.atomic import atomic_path
+from .data.view import ImageView, as_view, pass_batch
 from .noise import LoopView, Noise
 from .runtime import autocast, choose_precision, crop_flip
 
@@ -92,31 +99,36 @@ RoundHook = Callable[["BiLevelTrainer"], "Tensor | None"]
 class BiLevelTrainer:
     """Alternate surrogate and perturbation updates; checkpoint and resume.
 
-    ``x`` (N x C x H x W float in [0, 1]), ``y`` (N int64) and ``mask`` (N x 1 x H x W)
-    are the protected images, their labels and the pixels the noise may touch. Each of
-    ``round_hooks`` runs after every round, before the checkpoint, and returns a new mask
-    (same shape) or None.
+    ``x`` (an :class:`~salm_fast.data.view.ImageView`, or a float N x C x H x W tensor in
+    [0, 1]), ``y`` (N int64) and ``mask`` (N x 1 x H x W, {0, 1}) are the protected images,
+    their labels and the pixels the noise may touch. ``device``: where the loop runs (None: the
+    view's, or the tensor's). Each of ``round_hooks`` runs after every round, before the
+    checkpoint, and returns a new mask (same shape) or None.
     """
 
-    def __init__(self, surrogate_factory: Callable[[], nn.Module], noise: Noise, x: Tensor, y: Tensor,
+    def __init__(self, surrogate_factory: Callable[[], nn.Module], noise: Noise, x: ImageView | Tensor, y: Tensor,
                  mask: Tensor, config: BiLevelConfig, *, log_path: str | Path | None = None,
                  checkpoint_path: str | Path | None = None, progress: bool = False,
                  description: str = "protect", round_hooks: list[RoundHook] | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, device: str | torch.device | None = None):
         config.validate()
         self.factory, self.noise, self.cfg = surrogate_factory, noise, config
         # What else defines the run (method, its options, the data): a checkpoint resumes only under the same.
         self.settings = dict(settings or {})
-        self.x, self.y = x, y
+        self.x = as_view(x, device)
+        self.device = self.x.device
+        self.y = y.to(self.device)
+        mask = mask.to(self.device, torch.uint8)
         self.log_path = Path(log_path) if log_path else None
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress, self.description = progress, description
         self.round_hooks = list(round_hooks or [])
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.view = LoopView(x, y, mask, self.gen, self.loss, self._sample)  # what the noise may see
-        n_eval = config.eval_images if 0 < config.eval_images < len(x) else len(x)
+        self.view = LoopView(self.x, self.y, mask, self.gen, self.loss, self._sample)  # what the noise may see
+        n = len(self.x)
+        n_eval = config.eval_images if 0 < config.eval_images < n else n
         # A fixed subset, drawn from its own stream so that it does not shift the loop's randomness.
-        self.eval_idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed + 1))[:n_eval]
+        self.eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 1))[:n_eval]
         self.round = 0
         self.history: list[RoundLog] = []
         self.stopped_because = ""
@@ -130,25 +142,27 @@ class BiLevelTrainer:
         return self.view.mask
 
     def apply_mask(self, mask: Tensor) -> None:
-        """Replace the mask and move the stored perturbations inside it."""
+        """Replace the mask (kept as uint8 on the loop's device) and move the stored perturbations inside it."""
         if not isinstance(mask, Tensor) or mask.shape != self.mask.shape:
             raise RuntimeError(f"a round hook returned a mask of shape {getattr(mask, 'shape', type(mask))}, "
                                f"not {tuple(self.mask.shape)} (a bug)")
+        mask = mask.to(self.device, torch.uint8)
         self.view.mask = mask
         self.noise.on_mask_change(self.x, mask)
 
     def _new_surrogate(self) -> None:
+        # Built on the CPU from the seeded CPU stream, then moved: the same weights on every device.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
-        self.model = self.factory()
+        self.model = self.factory().to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.surrogate_lr)
 
     def _choose_precision(self) -> tuple[str, str]:
-        return choose_precision(self.cfg.precision, self.x.device, model=self.factory(),
+        return choose_precision(self.cfg.precision, self.device, model=self.factory(),
                                 sample_shape=(min(self.cfg.batch_size, 64), *self.x.shape[1:]),
                                 num_classes=int(self.y.max()) + 1)
 
     def autocast(self):
-        return autocast(self.precision, self.x.device)
+        return autocast(self.precision, self.device)
 
     def augmented(self, xb: Tensor, yb: Tensor) -> Tensor:
         """The victim's augmentation, differentiable w.r.t. the perturbation inside ``xb``."""
@@ -169,9 +183,10 @@ class BiLevelTrainer:
         loss = torch.zeros(())
         for _ in range(self.cfg.surrogate_steps):
             idx = self._sample()
+            x = self.x[idx]
             with torch.no_grad():
-                delta = self.noise.delta(idx, self.x[idx], self.y[idx], self.mask[idx])
-            loss = self.loss(self.x[idx] + delta, self.y[idx])
+                delta = self.noise.delta(idx, x, self.y[idx], self.mask[idx])
+            loss = self.loss(x + delta, self.y[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -180,13 +195,15 @@ class BiLevelTrainer:
     @torch.no_grad()
     def perturbed_accuracy(self) -> float:
         self.model.eval()
-        correct = 0
-        for start in range(0, len(self.eval_idx), 1024):
-            idx = self.eval_idx[start:start + 1024]
-            xb = self.x[idx] + self.noise.delta(idx, self.x[idx], self.y[idx], self.mask[idx])
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)  # summed on the device: one sync
+        step = pass_batch(self.x.shape)
+        for start in range(0, len(self.eval_idx), step):
+            idx = self.eval_idx[start:start + step]
+            x = self.x[idx]
+            xb = x + self.noise.delta(idx, x, self.y[idx], self.mask[idx])
             with self.autocast():
-                correct += int((S.logits(self.model, xb).argmax(1) == self.y[idx]).sum())
-        return correct / len(self.eval_idx)
+                correct += (S.logits(self.model, xb).argmax(1) == self.y[idx]).sum()
+        return int(correct) / len(self.eval_idx)
 
     # ----------------------------------------------------------------- loop
     def run(self) -> list[RoundLog]:
@@ -273,7 +290,7 @@ class BiLevelTrainer:
         self.model.load_state_dict(state["surrogate"])
         self.opt.load_state_dict(state["optimizer"])
         self.noise.load_state_dict(state["noise"])
-        self.view.mask = state["mask"]  # the noise's state was saved inside it: nothing to move
+        self.view.mask = state["mask"].to(self.device, torch.uint8)  # the noise was saved inside it: nothing to move
         self.gen.set_state(state["generator_state"])
         # The precision chosen when the run began, not a new (timing-based) choice.
         self.precision, self.precision_reason = state["precision"]

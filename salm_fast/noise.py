@@ -9,6 +9,12 @@ autograd for the generator), so the hot loop runs on the fused kernels.
 A noise sees the loop only through a :class:`LoopView` (the data, the current mask, the
 loop's random stream, its loss and its batch sampler), which the trainer owns and hands to
 :meth:`Noise.optimize`; this module knows nothing else of the trainer.
+
+Devices and memory: every noise lives on the loop's device (``device=``). The images come
+through a :class:`~salm_fast.data.view.ImageView` (float batches made from uint8 on demand)
+and masks are uint8, so nothing here holds the data set as float. The one per-image state,
+:class:`SampleWiseNoise`'s perturbations, is float32 (exact) or int8 levels of the release
+grid (a quarter of the memory; ``storage=``, see the class).
 """
 from __future__ import annotations
 
@@ -20,14 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .release import LEVELS, budget_levels, stored_steps
 
 
 @dataclass
 class LoopView:
     """What the perturbation half of a round may see of the bi-level loop.
 
-    ``x`` N x C x H x W in [0, 1], ``y`` N labels, ``mask`` N x 1 x H x W (the pixels the noise
-    may touch; the trainer replaces it on a refresh). ``gen`` is the loop's one seeded stream:
+    ``x`` N x C x H x W in [0, 1] (an :class:`~salm_fast.data.view.ImageView` or a tensor: ``x[idx]``
+    is a float batch on the loop's device), ``y`` N labels, ``mask`` N x 1 x H x W uint8 (the pixels
+    the noise may touch; the trainer replaces it on a refresh). ``gen`` is the loop's one seeded stream:
     every draw a noise makes comes from it, so a checkpoint resumes to the same bytes.
     ``loss(xb, yb)`` is the surrogate's loss on a batch (with the loop's augmentation);
     ``sample()`` draws a batch of indices.
@@ -66,9 +74,10 @@ class Noise(ABC):
     def load_state_dict(self, state: dict) -> None: ...
 
     @torch.no_grad()
-    def export(self, x: Tensor, y: Tensor, mask: Tensor, batch_size: int = 1024) -> Tensor:
-        """The perturbation of every image, N x C x H x W."""
-        out = torch.empty_like(x)
+    def export(self, x, y: Tensor, mask: Tensor, batch_size: int = 1024) -> Tensor:
+        """The perturbation of every image, N x C x H x W (the whole set at once: prefer
+        :meth:`~salm_fast.methods.base.Protection.batches` for large sets)."""
+        out = torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device)
         for start in range(0, len(x), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(x)))
             out[idx] = self.delta(idx, x[idx], y[idx], mask[idx])
@@ -82,27 +91,60 @@ def _input_grad(loop: LoopView, xb: Tensor, yb: Tensor, d: Tensor) -> tuple[Tens
     return g, float(loss.detach())
 
 
+#: Per-image noise storage: float32 (exact) or whole levels of the release's 8-bit grid.
+STORAGES = ("float", "int8")
+
+
 class SampleWiseNoise(Noise):
     """One perturbation per image, optimized by PGD (Huang et al., ICLR 2021, for sign=-1).
 
     Each round is one pass over the data in batches, ``steps`` PGD steps of size
     ``step_size`` per batch, warm-started from the current perturbation.
+
+    ``storage``: ``"float"`` keeps every perturbation as float32 (4 bytes per pixel and channel);
+    ``"int8"`` keeps whole 8-bit levels (1 byte; int16 when eps exceeds 127/255), written back
+    after each batch's PGD steps with the release's own rounding
+    (:func:`salm_fast.release.stored_steps`): the steps of a batch still run in float, and what
+    is stored is exactly what the uint8 release of that perturbation holds, so storing levels
+    loses nothing the release keeps. What it changes is the warm start of the next round (the
+    levels, not the float) and what the surrogate is trained on (x + the stored levels, i.e. the
+    release): a run with int8 storage is not bit-identical to one with float storage.
     """
 
     def __init__(self, shape: tuple[int, ...], eps: float, *, steps: int = 20, step_size: float = 0.8 / 255,
-                 batch_size: int = 256, sign: int = -1, init: Tensor | None = None, done_loss: float = 0.0):
+                 batch_size: int = 256, sign: int = -1, init: Tensor | None = None, done_loss: float = 0.0,
+                 storage: str = "float", device: str | torch.device = "cpu"):
         super().__init__(eps, sign=sign)
+        if storage not in STORAGES:
+            raise ValueError(f"noise storage must be one of {', '.join(STORAGES)}, got {storage!r}")
         self.steps, self.step_size, self.batch_size = steps, step_size, batch_size
         # Error-minimizing only: a batch whose loss is already below done_loss needs no more
         # steps this round (0 disables the early exit: the reference semantics).
         self.done_loss = done_loss
-        self.buffer = torch.zeros(shape) if init is None else init.clone()
+        self.storage = storage
+        dtype = torch.float32 if storage == "float" else torch.int8 if budget_levels(eps) <= 127 else torch.int16
+        self.buffer = torch.zeros(shape, dtype=dtype, device=device)
+        if init is not None:
+            self._store(slice(None), init.to(device))
+
+    def _store(self, idx, d: Tensor) -> None:
+        self.buffer[idx] = d if self.storage == "float" else stored_steps(d, self.eps, LEVELS).to(self.buffer.dtype)
+
+    def _stored(self, idx, x: Tensor, mask: Tensor) -> Tensor:
+        """The float perturbation of images ``idx``; int8 levels are decoded and projected again (the
+        projection only moves a value by float rounding, e.g. at 1 - x, never to another level)."""
+        if self.storage == "float":
+            return self.buffer[idx]
+        return ops.masked_linf_project(x, self.buffer[idx].to(x.dtype).div_(LEVELS), mask, self.eps)
 
     def delta(self, idx, x, y, mask):
-        return self.buffer[idx]
+        return self._stored(idx, x, mask)
 
     def on_mask_change(self, x, mask):
-        self.buffer = ops.masked_linf_project(x, self.buffer, mask, self.eps)
+        step = 1024
+        for start in range(0, len(x), step):
+            sl = slice(start, min(start + step, len(x)))
+            self._store(sl, ops.masked_linf_project(x[sl], self._stored(sl, x[sl], mask[sl]), mask[sl], self.eps))
 
     def optimize(self, loop):
         loss, steps_done = 0.0, 0
@@ -110,22 +152,25 @@ class SampleWiseNoise(Noise):
         order = torch.randperm(n, generator=loop.gen)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            xb, yb, mb = loop.x[idx], loop.y[idx], loop.mask[idx]
-            d = self.buffer[idx]
+            xb, yb = loop.x[idx], loop.y[idx]
+            mb = loop.mask[idx].to(xb.dtype)
+            d = self._stored(idx, xb, mb)
             for _ in range(self.steps):
                 g, loss = _input_grad(loop, xb, yb, d)
                 if self.sign < 0 and loss < self.done_loss:
                     break
                 ops.pgd_step(xb, d, g, mb, self.eps, self.step_size, self.sign, out=d)
                 steps_done += len(idx)
-            self.buffer[idx] = d
+            self._store(idx, d)
         return loss, steps_done, {}
 
     def state_dict(self):
-        return {"buffer": self.buffer}
+        return {"buffer": self.buffer, "storage": self.storage}
 
     def load_state_dict(self, state):
-        self.buffer = state["buffer"].clone()
+        if state.get("storage", "float") != self.storage:
+            raise ValueError(f"the checkpoint stores {state.get('storage', 'float')} noise, this run {self.storage}")
+        self.buffer = state["buffer"].to(self.buffer.device, copy=True)
 
 
 class ClassWiseNoise(Noise):
@@ -136,14 +181,15 @@ class ClassWiseNoise(Noise):
     """
 
     def __init__(self, n_classes: int, image_shape: tuple[int, ...], eps: float, *, steps: int = 20,
-                 step_size: float = 0.8 / 255, batch_size: int = 256, sign: int = -1):
+                 step_size: float = 0.8 / 255, batch_size: int = 256, sign: int = -1,
+                 device: str | torch.device = "cpu"):
         super().__init__(eps, sign=sign)
         self.steps, self.step_size, self.batch_size = steps, step_size, batch_size
-        self.patterns = torch.zeros((n_classes, *image_shape))
+        self.patterns = torch.zeros((n_classes, *image_shape), device=device)
         # For the pattern itself only the eps clip applies: a mid-grey "image" and a full
         # mask make the fused projection's box and mask inactive.
         self._grey = torch.full_like(self.patterns, 0.5)
-        self._full = torch.ones((n_classes, 1, *image_shape[1:]))
+        self._full = torch.ones((n_classes, 1, *image_shape[1:]), device=device)
 
     def delta(self, idx, x, y, mask):
         return ops.masked_linf_project(x, self.patterns[y], mask, self.eps)
@@ -154,7 +200,8 @@ class ClassWiseNoise(Noise):
         order = torch.randperm(n, generator=loop.gen)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
-            xb, yb, mb = loop.x[idx], loop.y[idx], loop.mask[idx]
+            xb, yb = loop.x[idx], loop.y[idx]
+            mb = loop.mask[idx].to(xb.dtype)
             for _ in range(self.steps):
                 p = self.patterns.detach().requires_grad_(True)
                 lo = loop.loss(xb + ops.masked_linf_project(xb, p[yb], mb, self.eps), yb)
@@ -168,7 +215,7 @@ class ClassWiseNoise(Noise):
         return {"patterns": self.patterns}
 
     def load_state_dict(self, state):
-        self.patterns = state["patterns"].clone()
+        self.patterns = state["patterns"].to(self.patterns.device, copy=True)
 
 
 class GeneratorNoise(Noise):

@@ -197,6 +197,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def describe_device(device: str | torch.device) -> str:
+    """``"cpu"``, or ``"cuda:0 (NVIDIA H200)"``: what a summary records of where a run ran."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return str(dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 # ------------------------------------------------------------------------------ denormals
 def _flush_denormal_state() -> bool | None:
     """Whether this thread flushes denormals now (MXCSR FTZ/DAZ); None where it cannot be read."""
@@ -262,5 +271,5 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, *, pad: int = 4, pad_mode: 
 
 
 __all__ = ["BF16_MAX_LOSS_REL_DIFF", "BF16_MIN_SPEEDUP", "NORM_MEAN", "NORM_STD", "PRECISIONS", "Normalize",
-           "autocast", "calibrate_bf16", "choose_precision", "cpu_features", "crop_flip", "flush_denormal",
-           "normalize", "resolve_device"]
+           "autocast", "calibrate_bf16", "choose_precision", "cpu_features", "crop_flip", "describe_device",
+           "flush_denormal", "normalize", "resolve_device"]

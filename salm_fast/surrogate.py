@@ -4,6 +4,9 @@ SALM's phase 1 ("important-pixel acquisition"): a surrogate briefly trained on t
 clean data gives per-pixel input gradients of the cross-entropy; the fused
 ``saliency_topk_mask`` op turns them into a per-image top-K mask without an
 N x H x W saliency temporary.
+
+Images come as a float tensor or an :class:`~salm_fast.data.view.ImageView` (float batches
+made from uint8 on its device); the model must already be on that device. Masks are uint8.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .data.view import pass_batch
 from .models import MODELS, build_model
 from .models.cnn import SmallCNN
 from .runtime import normalize
@@ -43,27 +47,28 @@ def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle
         yield order[start:start + batch_size]
 
 
-def train_clean(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, lr: float,
+def train_clean(model: nn.Module, x, y: Tensor, *, epochs: int, batch_size: int, lr: float,
                 gen: torch.Generator) -> float:
     """Phase 1: a short Adam run on clean data; returns the last epoch's training accuracy."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=y.device)  # summed on the device: one sync per epoch
     for _ in range(epochs):
-        correct = 0
+        correct.zero_()
         for idx in batches(len(x), batch_size, gen):
             out = logits(model, x[idx])
             loss = F.cross_entropy(out, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            correct += int((out.argmax(1) == y[idx]).sum())
-    return correct / max(1, len(x))
+            correct += (out.argmax(1) == y[idx]).sum()
+    return int(correct) / max(1, len(x))
 
 
-def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: int = 1, window: int = 1,
+def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1, window: int = 1,
                   batch_size: int = 512, backend: str | None = None) -> Tensor:
-    """Per-image top-K mask (N x 1 x H x W) of the surrogate's input-gradient saliency.
+    """Per-image top-K mask (N x 1 x H x W uint8, on the images' device) of the surrogate's
+    input-gradient saliency. ``batch_size`` shrinks for large images (:func:`~salm_fast.data.view.pass_batch`).
 
     ``window`` > 1 ranks pixels by their *local* saliency, the mean over a window x window
     neighbourhood: the mask then covers compact important regions rather than isolated
@@ -72,18 +77,20 @@ def saliency_mask(model: nn.Module, x: Tensor, y: Tensor, k: int | float, *, p: 
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"saliency window must be an odd integer >= 1, got {window}")
-    mask = x.new_empty((x.shape[0], 1, x.shape[2], x.shape[3]))
+    n = len(x)
+    mask = torch.empty((n, 1, x.shape[2], x.shape[3]), dtype=torch.uint8, device=x.device)
+    batch_size = pass_batch(x.shape, batch_size)
     model.eval()
-    for start in range(0, len(x), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
         xb = x[sl].clone().requires_grad_(True)
         loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
         (g,) = torch.autograd.grad(loss, xb)
         if window == 1:
-            ops.saliency_topk_mask(g, k, p, out=mask[sl], backend=backend)
+            mask[sl] = ops.saliency_topk_mask(g, k, p, backend=backend)
         else:
             s = ops.grad_magnitude(g, p, backend=backend).unsqueeze(1)
             s = F.avg_pool2d(s, window, stride=1, padding=window // 2, count_include_pad=False)
-            ops.topk_mask(s[:, 0], k, out=mask[sl], backend=backend)
+            mask[sl] = ops.topk_mask(s[:, 0], k, backend=backend)
     return mask
 

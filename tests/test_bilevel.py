@@ -204,7 +204,8 @@ def test_trainer_applies_the_mask_a_round_hook_returns(data):
                              torch.ones(len(x), 1, 28, 28), loop(2), round_hooks=[hook])
     trainer.run()
     assert calls == [1, 2]
-    assert trainer.mask is new and trainer.view.mask is new  # applied by the trainer, seen by the noise
+    # Applied by the trainer (kept as uint8 on the loop's device), seen by the noise.
+    assert trainer.mask.dtype == torch.uint8 and torch.equal(trainer.mask, new) and trainer.view.mask is trainer.mask
     assert bool((noise.buffer[:, :, :, 14:] == 0).all())  # the stored noise moved inside the new mask
     assert bool((noise.buffer[:, :, :, :14] != 0).any())
 

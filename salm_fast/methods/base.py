@@ -13,6 +13,13 @@ keyword parameters (:meth:`Method.option_names`).
 Shapes: ``x`` N x C x H x W float in [0, 1] (exactly the stored uint8 / 255),
 ``y`` N int64 class indices. Budget: L-inf ``eps`` in [0, 1] units; masked methods
 also bound L0 by ``k`` pixels per image.
+
+Device and memory: ``fit(..., device=)`` runs the method there. ``x`` may also be the
+stored uint8 images (an N x C x H x W tensor, or a :class:`~salm_fast.data.view.ImageView`
+over the storage arrays): a method with ``streams = True`` (the bi-level ones) then never
+holds the set as float, only batches, and its :class:`Protection` hands out the
+perturbation batch by batch (:meth:`Protection.batches`); the others get the float images
+whole, as before.
 """
 from __future__ import annotations
 
@@ -22,10 +29,10 @@ import inspect
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -33,7 +40,8 @@ from torch import Tensor
 from .. import ops
 from .. import surrogate as S
 from ..bilevel import BiLevelConfig, BiLevelTrainer
-from ..noise import Noise
+from ..data.view import ImageView, as_view, pass_batch
+from ..noise import Noise, SampleWiseNoise
 from ..release import parse_eps
 from ..runtime import flush_denormal
 
@@ -61,13 +69,60 @@ def check_choice(owner: str, name: str, value: object, choices: Sequence[Any]) -
     return value
 
 
-@dataclass
 class Protection:
-    """A method's output: the float perturbation, the mask it lives in, and what happened."""
+    """A method's output: the float perturbation, the mask it lives in, and what happened.
 
-    delta: Tensor  # N x C x H x W, |delta| <= eps, 0 off the mask, x + delta in [0, 1]
-    mask: Tensor  # N x 1 x H x W {0, 1}
-    info: dict[str, Any] = field(default_factory=dict)
+    ``delta``: N x C x H x W, |delta| <= eps, 0 off the mask, x + delta in [0, 1]; ``mask``:
+    N x 1 x H x W {0, 1} (uint8 from the bi-level methods); ``info``: what happened.
+
+    A streamed protection is built from ``delta_of(idx) -> batch`` instead of a tensor: it
+    computes the perturbation batch by batch when asked (:meth:`batches`), checking each batch
+    against the budget (``check(x, delta)``) as it goes; reading :attr:`delta` makes the whole
+    tensor once (N x C x H x W float: fine for small sets, what :meth:`batches` avoids).
+    """
+
+    def __init__(self, delta: Tensor | None, mask: Tensor, info: dict[str, Any] | None = None, *,
+                 delta_of: Callable[[Tensor], Tensor] | None = None, images: ImageView | None = None,
+                 check: Callable[[Tensor, Tensor], None] | None = None):
+        if (delta is None) == (delta_of is None) or (delta_of is not None and images is None):
+            raise ValueError("Protection takes a delta tensor, or delta_of with the images it perturbs")
+        self._delta, self.mask, self.info = delta, mask, dict(info or {})
+        self._delta_of, self.images, self._check = delta_of, images, check
+
+    def __len__(self) -> int:
+        return len(self._delta) if self._delta is not None else len(self.images)
+
+    @property
+    def streamed(self) -> bool:
+        return self._delta is None
+
+    def batches(self, limit: int = 1024) -> Iterator[tuple[slice, Tensor]]:
+        """``(slice, delta batch)`` over all images in order (batches of at most ``limit`` images,
+        fewer for large images: :func:`~salm_fast.data.view.pass_batch`)."""
+        if self._delta is not None:
+            step = limit
+            for start in range(0, len(self), step):
+                sl = slice(start, min(start + step, len(self)))
+                yield sl, self._delta[sl]
+            return
+        step = pass_batch(self.images.shape, limit)
+        with torch.no_grad():
+            for start in range(0, len(self), step):
+                sl = slice(start, min(start + step, len(self)))
+                d = self._delta_of(torch.arange(sl.start, sl.stop))
+                if self._check is not None:
+                    self._check(self.images[sl], d)
+                yield sl, d
+
+    @property
+    def delta(self) -> Tensor:
+        """The whole perturbation, N x C x H x W (made once from the batches of a streamed protection)."""
+        if self._delta is None:
+            out = torch.empty(tuple(self.images.shape), dtype=self.images.dtype, device=self.images.device)
+            for sl, d in self.batches():
+                out[sl] = d
+            self._delta = out
+        return self._delta
 
 
 @dataclass
@@ -85,6 +140,9 @@ class FitContext:
 class Method(ABC):
     """Base class: ``Method(eps=..., seed=..., **options).fit(x, y, n_classes)``."""
 
+    #: True: ``_fit`` takes an :class:`~salm_fast.data.view.ImageView` and may return a streamed
+    #: :class:`Protection`; False: it gets the float images as one tensor.
+    streams: ClassVar[bool] = False
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     norm: ClassVar[str] = "Linf"
@@ -134,22 +192,32 @@ class Method(ABC):
         return {"eps": self.eps, "k": self.k, "seed": self.seed}
 
     # ------------------------------------------------------------ public API
-    def fit(self, x: Tensor, y: Tensor, n_classes: int | None = None, *, workdir: str | Path | None = None,
-            resume: bool = False, progress: bool = False) -> Protection:
-        """Compute the protection of ``x`` (labels ``y``); checks the budget before returning."""
-        x, y, n_classes = self._check_inputs(x, y, n_classes)
+    def fit(self, x: Tensor | ImageView, y: Tensor, n_classes: int | None = None, *,
+            workdir: str | Path | None = None, resume: bool = False, progress: bool = False,
+            device: str | torch.device | None = None) -> Protection:
+        """Compute the protection of ``x`` (labels ``y``) on ``device`` (None: where ``x`` is).
+
+        ``x``: float N x C x H x W in [0, 1], or the stored uint8 images (a tensor or an
+        :class:`~salm_fast.data.view.ImageView`). Checks the budget before returning; a streamed
+        protection checks each batch as :meth:`Protection.batches` makes it.
+        """
+        x, y, n_classes = self._check_inputs(x, y, n_classes, device)
         self.check_data((x.shape[2], x.shape[3]), n_classes)
         ctx = FitContext(Path(workdir) if workdir else None, resume, progress)
         if ctx.workdir:
             ctx.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]), flush_denormal():
+        cuda = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), flush_denormal():
             torch.manual_seed(self.seed)
-            result = self._fit(x, y, n_classes, ctx)
+            result = self._fit(x if self.streams else x.full(), y, n_classes, ctx)
         seconds = time.perf_counter() - t0
         result.info.setdefault("seconds", seconds)
         result.info.setdefault("images_per_second", len(x) / seconds if seconds > 0 else 0.0)
-        self._check_budget(x, result)
+        if result.streamed:
+            result._check = self._check_batch
+        else:
+            self._check_budget(x, result)
         return result
 
     def check_data(self, image_shape: tuple[int, int], n_classes: int) -> None:
@@ -165,24 +233,37 @@ class Method(ABC):
         return {}
 
     # ------------------------------------------------------------ shared pieces
-    def _check_inputs(self, x: Tensor, y: Tensor, n_classes: int | None) -> tuple[Tensor, Tensor, int]:
-        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+    def _check_inputs(self, x: Tensor | ImageView, y: Tensor, n_classes: int | None,
+                      device: str | torch.device | None = None) -> tuple[ImageView, Tensor, int]:
+        """``x`` as an :class:`ImageView` on ``device``, ``y`` as int64 on it, and the class count."""
+        if isinstance(x, Tensor) and (x.dim() != 4 or not (x.is_floating_point() or x.dtype == torch.uint8)):
+            raise ValueError(f"{self.name}: x must be a float (or uint8) N x C x H x W tensor")
+        if not isinstance(x, (Tensor, ImageView)):
             raise ValueError(f"{self.name}: x must be a float N x C x H x W tensor")
         if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
             raise ValueError(f"{self.name}: y must hold one integer label per image ({x.shape[0]})")
         if len(x) == 0:
             raise ValueError(f"{self.name}: no images to protect")
-        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
-            raise ValueError(f"{self.name}: images must be finite and in [0, 1]")
+        if isinstance(x, Tensor) and x.is_floating_point():
+            if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+                raise ValueError(f"{self.name}: images must be finite and in [0, 1]")
+            x = x.float().contiguous()
         if int(y.min()) < 0:
             raise ValueError(f"{self.name}: labels must be >= 0")
         n_classes = int(y.max()) + 1 if n_classes is None else int(n_classes)
         if int(y.max()) >= n_classes or n_classes < 2:
             raise ValueError(f"{self.name}: labels must be in [0, {n_classes}) with at least 2 classes")
-        return x.float().contiguous(), y.long(), n_classes
+        view = as_view(x, device)
+        return view, y.long().to(view.device), n_classes
 
-    def _check_budget(self, x: Tensor, result: Protection) -> None:
-        d = result.delta
+    def _check_budget(self, x: ImageView, result: Protection) -> None:
+        if tuple(result.delta.shape) != tuple(x.shape):
+            raise RuntimeError(f"{self.name}: produced a malformed perturbation (a bug)")
+        for sl, d in result.batches():
+            self._check_batch(x[sl], d.to(x.device))
+
+    def _check_batch(self, x: Tensor, d: Tensor) -> None:
+        """The budget on one batch of images ``x`` and their perturbation ``d``; RuntimeError (a bug) if broken."""
         eps32 = torch.tensor(self.eps, dtype=d.dtype).item()
         if d.shape != x.shape or not bool(torch.isfinite(d).all()):
             raise RuntimeError(f"{self.name}: produced a malformed perturbation (a bug)")
@@ -195,16 +276,32 @@ class Method(ABC):
                 raise RuntimeError(f"{self.name}: perturbation touches {int(l0.max())} > k={k} pixels (a bug)")
 
 
-class BiLevelMethod(Method):
-    """A method whose noise is found by the bi-level min-min loop against a surrogate."""
+#: How a sample-wise (PGD) noise keeps its per-image perturbations (:class:`~salm_fast.noise.SampleWiseNoise`).
+NOISE_STORAGES = ("auto", "float", "int8")
+#: ``noise_storage="auto"``: float32 (bit-exact with earlier releases) while the per-image noise takes at most
+#: this many bytes, int8 levels of the release grid above it (a quarter of the memory; 224 px RGB: over 445 images).
+AUTO_FLOAT_NOISE_BYTES = 256 << 20
 
+
+class BiLevelMethod(Method):
+    """A method whose noise is found by the bi-level min-min loop against a surrogate.
+
+    Streams: ``x`` is an :class:`~salm_fast.data.view.ImageView` on the run's device (float
+    batches from the stored uint8), masks are uint8, and the perturbation is handed out batch
+    by batch by the trained noise; memory grows with the batch, not with the data set (save a
+    sample-wise noise's per-image state: ``noise_storage``).
+    """
+
+    streams = True
     surrogate_arch: str = S.DEFAULT_SURROGATE
 
     def __init__(self, eps: float | str | None = None, *, seed: int = 0, k: int | float | None = None,
                  loop: BiLevelConfig | None = None, rounds: int | None = None,
-                 surrogate: str = S.DEFAULT_SURROGATE):
+                 surrogate: str = S.DEFAULT_SURROGATE, noise_storage: str = "auto"):
         super().__init__(eps, seed=seed, k=k)
         self.surrogate_arch = check_choice(self.name, "surrogate", surrogate, S.SURROGATES)
+        # Used by sample-wise (PGD) noise only; the other noises have no per-image state.
+        self.noise_storage = check_choice(self.name, "noise_storage", noise_storage, NOISE_STORAGES)
         if loop is not None and not isinstance(loop, BiLevelConfig):
             raise ValueError(f"{self.name}: loop must be a BiLevelConfig, got {type(loop).__name__}")
         # A copy: the caller's config is theirs (one config may serve several methods).
@@ -220,7 +317,17 @@ class BiLevelMethod(Method):
         return BiLevelConfig()
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "surrogate": self.surrogate_arch, "loop": dict(self.loop.__dict__)}
+        return {**super().options(), "surrogate": self.surrogate_arch, "noise_storage": self.noise_storage,
+                "loop": dict(self.loop.__dict__)}
+
+    def sample_wise_noise(self, x: ImageView, *, steps: int, step_size: float) -> SampleWiseNoise:
+        """One PGD perturbation per image of ``x``, on its device, stored as ``noise_storage`` says
+        (``auto``: float32 up to :data:`AUTO_FLOAT_NOISE_BYTES`, int8 levels beyond)."""
+        storage = self.noise_storage
+        if storage == "auto":
+            storage = "float" if 4 * math.prod(x.shape) <= AUTO_FLOAT_NOISE_BYTES else "int8"
+        return SampleWiseNoise(tuple(x.shape), self.eps, steps=steps, step_size=step_size, storage=storage,
+                               device=x.device)
 
     def surrogate_factory(self, x: Tensor, n_classes: int):
         channels, size = x.shape[1], x.shape[2]
@@ -229,8 +336,9 @@ class BiLevelMethod(Method):
     @abstractmethod
     def make_noise(self, x: Tensor, y: Tensor, n_classes: int, mask: Tensor) -> Noise: ...
 
-    def make_mask(self, x: Tensor, y: Tensor, n_classes: int, ctx: FitContext) -> Tensor:
-        return x.new_ones((x.shape[0], 1, x.shape[2], x.shape[3]))
+    def make_mask(self, x: ImageView, y: Tensor, n_classes: int, ctx: FitContext) -> Tensor:
+        """N x 1 x H x W uint8 {0, 1} on the run's device: every pixel by default."""
+        return torch.ones((x.shape[0], 1, x.shape[2], x.shape[3]), dtype=torch.uint8, device=x.device)
 
     def round_hooks(self) -> list:
         """Callables run after every round of the loop (e.g. a mask refresh)."""
@@ -239,12 +347,14 @@ class BiLevelMethod(Method):
     def extra_info(self) -> dict[str, Any]:
         return {}
 
-    def run_settings(self, x: Tensor, y: Tensor, n_classes: int) -> dict[str, Any]:
-        """What a checkpoint must match to be resumed: the method, its options and the data."""
-        digest = hashlib.sha256(x.numpy().tobytes())
-        digest.update(y.numpy().tobytes())
+    def run_settings(self, x: ImageView, y: Tensor, n_classes: int) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the method, its options and the data
+        (a digest of the images as given, uint8 or float, and of the labels)."""
+        digest = hashlib.sha256(x.digest().encode())
+        digest.update(y.cpu().numpy().tobytes())
         options = {k: v for k, v in self.options().items() if k != "loop"}  # the loop is compared on its own
-        return {"method": self.name, **options, "data": f"{tuple(x.shape)} {n_classes} classes {digest.hexdigest()}"}
+        return {"method": self.name, **options,
+                "data": f"{tuple(x.shape)} {x.stored_dtype} {n_classes} classes {digest.hexdigest()}"}
 
     def _fit(self, x, y, n_classes, ctx):
         mask = self.make_mask(x, y, n_classes, ctx)
@@ -252,7 +362,7 @@ class BiLevelMethod(Method):
         trainer = BiLevelTrainer(self.surrogate_factory(x, n_classes), noise, x, y, mask, self.loop,
                                  log_path=ctx.path("rounds.jsonl"), checkpoint_path=ctx.path("checkpoint.pt"),
                                  progress=ctx.progress, description=self.name, round_hooks=self.round_hooks(),
-                                 settings=self.run_settings(x, y, n_classes))
+                                 settings=self.run_settings(x, y, n_classes), device=x.device)
         finished = False
         ckpt = ctx.path("checkpoint.pt")
         if ctx.resume and ckpt is not None and ckpt.exists():
@@ -262,7 +372,6 @@ class BiLevelMethod(Method):
         if not finished:
             trainer.run()
         mask = trainer.mask
-        delta = noise.export(x, y, mask)
         info = {
             **self.extra_info(),
             "rounds": trainer.round,
@@ -270,6 +379,8 @@ class BiLevelMethod(Method):
             "surrogate_accuracy": trainer.history[-1].surrogate_accuracy if trainer.history else None,
             "precision": trainer.precision,  # what ran (auto's choice, or the checkpoint's), for the summary
             "precision_reason": trainer.precision_reason,
+            "device": str(trainer.device),
+            **({"noise_storage": noise.storage} if isinstance(noise, SampleWiseNoise) else {}),
             "history": [h.__dict__ for h in trainer.history],
         }
-        return Protection(delta, mask, info)
+        return Protection(None, mask, info, images=x, delta_of=lambda idx: noise.delta(idx, x[idx], y[idx], mask[idx]))

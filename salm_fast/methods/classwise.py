@@ -27,4 +27,5 @@ class ClassWiseEM(BiLevelMethod):
         return {**super().options(), "steps": self.steps, "step_size": self.step_size}
 
     def make_noise(self, x, y, n_classes, mask):
-        return ClassWiseNoise(n_classes, tuple(x.shape[1:]), self.eps, steps=self.steps, step_size=self.step_size)
+        return ClassWiseNoise(n_classes, tuple(x.shape[1:]), self.eps, steps=self.steps, step_size=self.step_size,
+                              device=x.device)

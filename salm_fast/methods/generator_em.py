@@ -42,7 +42,8 @@ class GeneratorEM(BiLevelMethod):
                 "width": self.width, "code": self.code}
 
     def make_noise(self, x, y, n_classes, mask):
-        self.net = NoiseGenerator(x.shape[1], n_classes, self.eps, width=self.width, code=self.code)
+        # Initialized on the CPU (the seeded global stream), then moved: the same weights on every device.
+        self.net = NoiseGenerator(x.shape[1], n_classes, self.eps, width=self.width, code=self.code).to(x.device)
         return GeneratorNoise(self.net, self.eps, steps=self.generator_steps, lr=self.generator_lr)
 
     @torch.no_grad()
@@ -65,7 +66,7 @@ class GeneratorEM(BiLevelMethod):
             mask = x.new_ones((x.shape[0], 1, x.shape[2], x.shape[3]))
         out = torch.empty_like(x)
         fmt = torch.channels_last if precision == "bf16" else torch.contiguous_format
-        net = self.net.to(memory_format=fmt)
+        net = self.net.to(device=x.device, memory_format=fmt)
         try:
             with torch.inference_mode():  # no autograd graph: a forward pass is all it takes
                 for s in range(0, len(x), batch_size):

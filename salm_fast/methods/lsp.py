@@ -125,7 +125,7 @@ class LinearSeparablePerturbation(Method):
 
     def _fit(self, x, y, n_classes, ctx):
         n, c, h, w = x.shape
-        pattern = self.patterns(n_classes, (c, h, w))
+        pattern = self.patterns(n_classes, (c, h, w)).to(x.device)
         self.l2_bound = self.resolve_l2((c, h, w)) if self.mode == "l2" else None
         raw = pattern[y]
         mask = x.new_ones((n, 1, h, w))

@@ -121,6 +121,7 @@ class OnePixelShortcut(Method):
     # ------------------------------------------------------------------ fit
     def _fit(self, x, y, n_classes, ctx):
         n, c, h, w = x.shape
+        device, x, y = x.device, x.cpu(), y.cpu()  # the search is statistics over the set: on the CPU
         position, colour, best = self.search(x, y, n_classes)
         pos = position[y]  # N
         index = pos.view(n, 1, 1).expand(n, c, 1)
@@ -138,4 +139,4 @@ class OnePixelShortcut(Method):
             "scores": [None if p < 0 else float(s) for p, s in zip(position.tolist(), best)],
             "unchanged_images": int(((delta != 0).flatten(1).sum(1) == 0).sum()),
         }
-        return Protection(delta, mask, info)
+        return Protection(delta.to(device), mask.to(device), info)

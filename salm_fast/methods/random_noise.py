@@ -23,12 +23,12 @@ class RandomNoise(Method):
 
     def _fit(self, x, y, n_classes, ctx):
         gen = torch.Generator().manual_seed(self.seed)
-        noise = (torch.rand(x.shape, generator=gen) * 2 - 1) * self.eps
+        noise = ((torch.rand(x.shape, generator=gen) * 2 - 1) * self.eps).to(x.device)  # drawn on the CPU: same on every device
         n, _, h, w = x.shape
         if self.k is None:
             mask = x.new_ones((n, 1, h, w))
         else:
-            scores = torch.rand((n, h, w), generator=gen)
+            scores = torch.rand((n, h, w), generator=gen).to(x.device)
             mask = ops.topk_mask(scores, self.k)
         delta = ops.masked_linf_project(x, noise, mask, self.eps)
         return Protection(delta, mask, {"rounds": 0})

@@ -35,7 +35,6 @@ from torch import Tensor
 
 from .. import surrogate as S
 from ..bilevel import BiLevelTrainer
-from ..noise import SampleWiseNoise
 from .base import FitContext, check_choice, check_int, check_number
 from .generator_em import GeneratorEM
 
@@ -87,6 +86,7 @@ class SALM(GeneratorEM):
     # ---------------------------------------------------------------- phase 1
     def selected(self, y: Tensor, n_classes: int) -> Tensor:
         """Which images get protected: the chosen classes, then a seeded poison-ratio draw."""
+        y = y.cpu()  # the selection is drawn on the CPU: the same on every device
         keep = torch.ones(len(y), dtype=torch.bool)
         if self.classes is not None:  # within n_classes: check_data
             keep = torch.isin(y, torch.tensor(self.classes))
@@ -104,11 +104,11 @@ class SALM(GeneratorEM):
 
     def make_mask(self, x, y, n_classes, ctx: FitContext) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed)
-        model = self.surrogate_factory(x, n_classes)()
+        model = self.surrogate_factory(x, n_classes)().to(x.device)
         self.mask_surrogate_accuracy = S.train_clean(model, x, y, epochs=self.mask_epochs, batch_size=128,
                                                      lr=1e-3, gen=gen)
         mask = S.saliency_mask(model, x, y, self.k, p=self.saliency_p, window=self.saliency_window)
-        mask[~self.selected(y, n_classes)] = 0
+        mask[~self.selected(y, n_classes).to(mask.device)] = 0
         self.mask_model = model  # kept: new images get their masks from it (perturb)
         return mask
 
@@ -148,4 +148,4 @@ class SALM(GeneratorEM):
     def make_noise(self, x, y, n_classes, mask):
         if self.noise_kind == "generator":
             return super().make_noise(x, y, n_classes, mask)
-        return SampleWiseNoise(tuple(x.shape), self.eps, steps=self.pgd_steps, step_size=self.pgd_step_size)
+        return self.sample_wise_noise(x, steps=self.pgd_steps, step_size=self.pgd_step_size)

@@ -11,7 +11,6 @@ in [0, 1] on the perturbation itself.
 from __future__ import annotations
 
 from ..bilevel import BiLevelConfig
-from ..noise import SampleWiseNoise
 from .base import BiLevelMethod, check_int, check_number
 
 
@@ -33,4 +32,4 @@ class SampleWiseEM(BiLevelMethod):
         return {**super().options(), "steps": self.steps, "step_size": self.step_size}
 
     def make_noise(self, x, y, n_classes, mask):
-        return SampleWiseNoise(tuple(x.shape), self.eps, steps=self.steps, step_size=self.step_size)
+        return self.sample_wise_noise(x, steps=self.steps, step_size=self.step_size)

@@ -72,7 +72,7 @@ class TAP(Method):
     def _fit(self, x, y, n_classes, ctx):
         n, c, h, w = x.shape
         gen = torch.Generator().manual_seed(self.seed)
-        model = S.build_surrogate(self.surrogate_arch, c, n_classes, h)
+        model = S.build_surrogate(self.surrogate_arch, c, n_classes, h).to(x.device)
         train_acc = S.train_clean(model, x, y, epochs=self.surrogate_epochs, batch_size=self.train_batch_size,
                                   lr=self.train_lr, gen=gen)
         _recalibrate_batchnorm(model, x, self.batch_size)
