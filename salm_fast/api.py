@@ -15,8 +15,9 @@ budget there and publishes the output folder ``out`` whole, in one rename::
     out/protection.png    clean | protected | amplified |delta| | mask
     out/rounds.jsonl      the bi-level round log (losses, accuracy, time; no noise)
 
-Only the release is meant to be shared: it holds the perturbed images and the untouched
-splits, no clean copy of the perturbed images, no noise and no seed (nor does the summary).
+Only the release is meant to be shared: it holds the perturbed images (every split by default;
+a split left unperturbed would be a clean copy), no noise and no seed (nor does the summary).
+The seed is secret by default (drawn from the OS, ``seed=None``); it lives only in the checkpoint.
 The checkpoint (it holds the noise) and the live round log are written to a private work
 folder that is never inside ``out`` (default ``<parent>/.<name>.salm-work``, mode 0700;
 ``workdir=`` chooses another); ``resume=True`` continues from it to the same bytes, and it
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import platform
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -194,6 +197,7 @@ class ProtectPlan:
     keep_checkpoint: bool = False
     figure: bool = True
     progress: bool = False
+    seed_source: str = "user"  # where the seed came from: "user", "os" (secret) or "checkpoint"; never its value
 
     @property
     def release_path(self) -> Path:
@@ -206,24 +210,48 @@ class ProtectPlan:
 
 
 def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | str | None = None,
-         k: int | float | None = None, splits: str | Sequence[str] = "train", seed: int = 0, resume: bool = False,
+         k: int | float | None = None, splits: str | Sequence[str] = "all", seed: int | None = None,
+         resume: bool = False,
          overwrite: bool = False, progress: bool = False, backend: str | None = None, figure: bool = True,
          keep_checkpoint: bool = False, workdir: str | Path | None = None, precision: str | None = None,
          **options: Any) -> ProtectPlan:
     """Check every argument of :func:`protect` (same signature), the data and the folders; write nothing."""
+    out = Path(out)
+    workdir = Path(workdir) if workdir is not None else work_folder_for(out)
+    seed, seed_source = release_seed(seed, workdir / CHECKPOINT if resume else None)
     algo = _build_method(method, eps, k, seed, precision, dict(options))
     ops.check_backend(backend)  # a plain check: unknown (ValueError) or unavailable here (RuntimeError)
     ds = _as_dataset(data)
     chosen = _resolve_splits(ds, splits)
     algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
-    out = Path(out)
-    workdir = Path(workdir) if workdir is not None else work_folder_for(out)
     _check_workdir(workdir, out)
     requested = algo.loop.precision if isinstance(algo, BiLevelMethod) else precision or "auto"
     job = ProtectPlan(algo, ds, tuple(chosen), out, workdir, release_path_for(ds, out).name, backend, requested,
-                      bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress))
+                      bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress),
+                      seed_source=seed_source)
     check_output(out, job.may_replace)
     return job
+
+
+def release_seed(seed: int | None, checkpoint: Path | None = None) -> tuple[Any, str]:
+    """The seed of a release and where it came from: the caller's (``"user"``, checked by the method); a
+    resumed run's, read back from its ``checkpoint`` (``"checkpoint"``: a fresh seed would not continue
+    it); else a secret one from the OS (``"os"``), kept only in the private work folder's checkpoint."""
+    if seed is not None:
+        return seed, "user"
+    if checkpoint is not None and checkpoint.is_file():
+        return checkpoint_seed(checkpoint), "checkpoint"
+    return secrets.randbits(62), "os"
+
+
+def checkpoint_seed(path: str | Path) -> int:
+    """The seed recorded in a bi-level checkpoint (the run's settings, or its loop config)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for part in ("settings", "config"):
+        seed = (state.get(part) or {}).get("seed")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return seed
+    raise ValueError(f"{path}: the checkpoint records no seed; resume with the run's --seed or start afresh")
 
 
 # ------------------------------------------------------------------------------ protect: fit
@@ -351,6 +379,7 @@ def _summary(job: ProtectPlan, fitted: Fitted, per_split: dict[str, dict], round
                     "n_classes": ds.n_classes, "channels": ds.channels, "image_shape": list(ds.image_shape),
                     "splits": {s: len(ds[s]) for s in ds.splits}},
         "splits": list(job.splits),
+        "seed_source": job.seed_source,  # "os": a secret seed, in no file beside the release
         "images": n,
         "eps": algo.eps,
         "budget_levels": budget_levels(algo.eps),
@@ -423,7 +452,7 @@ def write(job: ProtectPlan, fitted: Fitted) -> ProtectResult:
 
 
 def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | str | None = None,
-            k: int | float | None = None, splits: str | Sequence[str] = "train", seed: int = 0,
+            k: int | float | None = None, splits: str | Sequence[str] = "all", seed: int | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
             figure: bool = True, keep_checkpoint: bool = False, workdir: str | Path | None = None,
             precision: str | None = None, **options: Any) -> ProtectResult:
@@ -432,7 +461,10 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     ``eps``: the L-inf budget, a fraction ``"8/255"`` or a number below 1 (``release.parse_eps``);
     None: the method's default (8/255; 1.0 for ``ops``, and for ``lsp`` in its L2 mode). ``k``
     (masked methods): pixels per image (int) or fraction of H*W (float); None: the method's
-    default. ``splits``: which splits to perturb ("train", a list, or "all"). ``out``: absent,
+    default. ``splits``: which splits to perturb ("all", the default: a split shipped clean is an
+    unprotected copy; "train" for benchmarking; or a list). ``seed``: None (default) draws a secret
+    seed from the OS, kept only in the work folder's checkpoint (a resumed run reads it back from
+    there); give one for a reproducible experiment. ``out``: absent,
     empty, or (``overwrite=True``) a previous output, replaced whole. ``workdir``: the private
     folder for the checkpoint and round log (default ``<parent>/.<name>.salm-work``).
     ``precision``: the surrogate's, ``auto`` | ``fp32`` | ``bf16`` (bi-level methods; None: the
@@ -457,6 +489,142 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
 
 
 # ------------------------------------------------------------------------------ evaluate
+#: The attacker's counter-measures that need more than the release's train split (``evaluate`` and the
+#: experiment grid run them; a victim alone cannot): early stopping on the owner's clean val split,
+#: training on every split released clean, and known-pattern removal with this package's own defaults.
+ATTACKER_STEPS = ("best-val", "clean-splits", "purify")
+
+
+@dataclass(frozen=True)
+class PurifySettings:
+    """The known-pattern attacker (``purify``): it re-protects the release with ``method`` (our default,
+    its default options, ``rounds`` bi-level rounds, a seed of its own) and trains the denoiser of
+    :class:`~salm_fast.victims.purify.KnownPatternRemoval` for ``steps`` steps. ``options``: further
+    options of the re-protection as ``(name, value)`` pairs (e.g. a smaller surrogate for a quick run)."""
+
+    method: str = "salm"
+    rounds: int | None = 2
+    steps: int = 300
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "rounds": self.rounds, "steps": self.steps,
+                "options": {k: repr(v) for k, v in self.options}}
+
+    def protector(self, n_classes: int, seed: int):
+        """``protector(images_u8, labels) -> images_u8``: ``method`` from the registry under ``seed``."""
+        options = dict(self.options)
+        if self.rounds is not None:
+            options["rounds"] = self.rounds
+        algo = make_method(self.method, seed=seed, **options)  # bad options fail here, before any training
+
+        def protector(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            protection = algo.fit(images.float() / 255, labels, n_classes)
+            return quantize_release(images, protection.delta.to(images.device), algo.eps)
+
+        return protector
+
+
+def split_counter_measures(defense: str | Sequence[str] | None) -> tuple[tuple[str, ...], str | None]:
+    """``(attacker steps, victim defenses)`` of counter-measure names joined by '+': the steps of
+    :data:`ATTACKER_STEPS` in their fixed order, the rest for the victim (checked: ValueError on an
+    unknown name)."""
+    from .victims import parse_defenses
+
+    if defense is None:
+        tokens: list[str] = []
+    elif isinstance(defense, str):
+        tokens = [t.strip().lower() for t in defense.split("+") if t.strip()]
+    else:
+        tokens = [t.strip().lower() for d in defense for t in d.split("+") if t.strip()]
+    tokens = [t for t in tokens if t != "none"]
+    steps = tuple(s for s in ATTACKER_STEPS if s in tokens)
+    if len(steps) != sum(t in ATTACKER_STEPS for t in tokens):
+        raise ValueError(f"a counter-measure is given twice in {defense!r}")
+    rest = "+".join(t for t in tokens if t not in ATTACKER_STEPS) or None
+    parse_defenses(rest)
+    return steps, rest
+
+
+def counter_measure_name(defense: str | Sequence[str] | None) -> str:
+    """The one name of a set of counter-measures: the attacker's steps, then the victim's defenses in
+    their canonical order; ``none`` when there are none."""
+    from .victims import parse_defenses
+
+    steps, rest = split_counter_measures(defense)
+    victim = parse_defenses(rest).name
+    return "+".join([*steps, *([victim] if victim != "none" else [])]) or "none"
+
+
+def attacker_seed(seed: int) -> int:
+    """The known-pattern attacker's own seed, drawn from the victim's seed (never the owner's)."""
+    return int.from_bytes(hashlib.sha256(f"purify-attacker-{seed}".encode()).digest()[:7], "big")
+
+
+@dataclass
+class AttackerData:
+    """What the attacker trains on (uint8 N x C x H x W and labels), the clean labeled images it early-stops
+    on (``select="best_val"``), and what the steps did (``notes``)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    select: str = "last"
+    notes: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+
+
+def _labels_of(split) -> torch.Tensor:
+    return torch.from_numpy(np.array(split.labels[:, 0])).long()
+
+
+def attacker_data(clean: Dataset, data: Dataset, steps: Sequence[str], *, seed: int = 0,
+                  purify: PurifySettings | None = None) -> AttackerData:
+    """The attacker's training set from ``data`` (a release, or the clean data for the reference run) under
+    ``steps`` (see :data:`ATTACKER_STEPS`); ``clean`` is the owner's data (its val split is the attacker's
+    clean labeled images for ``best-val``, and the judge of which splits were released clean)."""
+    splits, notes = ["train"], []
+    if "clean-splits" in steps:
+        extra = [s for s in data.splits if s not in ("train", "test")]
+        for s in extra:
+            if s not in clean.splits or not np.array_equal(data[s].labels, clean[s].labels):
+                raise DataError(f"the {s} split's labels differ from the clean data's: not a release of this dataset")
+        released_clean = [s for s in extra if np.array_equal(data[s].images, clean[s].images)]
+        if released_clean:
+            splits += released_clean
+            notes.append(f"clean-splits: trained on train + {', '.join(released_clean)} (released clean)")
+        elif extra:
+            splits += extra
+            notes.append(f"clean-splits: no clean split released; trained on train + {', '.join(extra)} as released")
+        else:
+            notes.append("clean-splits: no split beside train and test")
+    parts = [storage_to_nchw(data[s].images) for s in splits]
+    labels = [_labels_of(data[s]) for s in splits]
+    if "purify" in steps:
+        from .victims.purify import KnownPatternRemoval
+
+        settings = purify or PurifySettings()
+        own = attacker_seed(seed)
+        remover = KnownPatternRemoval(settings.protector(clean.n_classes, own), steps=settings.steps, seed=seed)
+        # Everything trained on except a split identical to the owner's (the clean data's train split counts
+        # as a release: the reference run measures what the filter does to clean images).
+        dirty = [i for i, s in enumerate(splits) if s == "train" or not np.array_equal(data[s].images, clean[s].images)]
+        x = torch.cat([parts[i] for i in dirty])
+        y = torch.cat([labels[i] for i in dirty])
+        purified = remover(x, y).split([len(parts[i]) for i in dirty])
+        for i, p in zip(dirty, purified):
+            parts[i] = p
+        notes.append(f"purify: {settings.method} re-protection ({settings.rounds or 'default'} rounds) + "
+                     f"denoiser ({settings.steps} steps) on {', '.join(splits[i] for i in dirty)}")
+    out = AttackerData(torch.cat(parts), torch.cat(labels), notes=notes, splits=splits)
+    if "best-val" in steps:
+        if "val" not in clean.splits:
+            raise DataError("best-val early-stops on the clean val split: the clean data has none")
+        out.val_x, out.val_y, out.select = storage_to_nchw(clean["val"].images), _labels_of(clean["val"]), "best_val"
+    return out
+
+
 @dataclass
 class EvaluationResult:
     """A victim trained on the clean data and on the release, tested on clean test images."""
@@ -468,23 +636,36 @@ class EvaluationResult:
     perturbation: dict[str, float]
     precision: str
     settings: dict[str, Any]
+    n_classes: int = 2
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per run: what the attacker's steps did
+
+    def protection_auc(self, run: str = "release") -> float:
+        """The AUC an attacker gets (binary tasks: max(AUC, 1 - AUC), an inverted ranking flipped)."""
+        from .victims import protection_auc
+
+        return protection_auc(getattr(self, run)["test"]["auc"], self.n_classes)
 
     def table(self) -> str:
         head = f"victim {self.victim} | defense {self.defense} | precision {self.precision}"
-        lines = [head, f"{'trained on':<12} {'test ACC':>9} {'test AUC':>9} {'bal. ACC':>9} {'train ACC':>10}"]
-        for name, r in (("clean", self.clean), ("release", self.release)):
+        lines = [head, f"{'trained on':<12} {'test ACC':>9} {'test AUC':>9} {'protection AUC':>15} {'bal. ACC':>9} "
+                       f"{'train ACC':>10} {'best epoch':>11}"]
+        for name in ("clean", "release"):
+            r = getattr(self, name)
             t, tr = r["test"], r.get("train") or {}
-            lines.append(f"{name:<12} {t['acc']:>9.3f} {t['auc']:>9.3f} {t['balanced_acc']:>9.3f} "
-                         f"{tr.get('acc', float('nan')):>10.3f}")
+            best = "-" if r.get("best_epoch") is None else str(r["best_epoch"])
+            lines.append(f"{name:<12} {t['acc']:>9.3f} {t['auc']:>9.3f} {self.protection_auc(name):>15.3f} "
+                         f"{t['balanced_acc']:>9.3f} {tr.get('acc', float('nan')):>10.3f} {best:>11}")
         p = self.perturbation
         lines.append(f"release vs clean: L-inf {p['linf_255']:.0f}/255, L0 {p['l0']:.3f}, "
                      f"PSNR {p['psnr_db']:.1f} dB, SSIM {p['ssim']:.4f}")
+        lines += [f"{name}: {note}" for name, notes in self.notes.items() for note in notes]
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         return {"victim": self.victim, "defense": self.defense, "precision": self.precision,
+                "protection_auc": {run: self.protection_auc(run) for run in ("clean", "release")},
                 "clean": self.clean, "release": self.release, "perturbation": self.perturbation,
-                "settings": self.settings}
+                "notes": self.notes, "settings": self.settings}
 
 
 def _check_pair(clean: Dataset, release: Dataset) -> None:
@@ -509,22 +690,31 @@ def _write_evaluation(res: EvaluationResult, out: Path) -> None:
 def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, victim: str = "resnet18",
              defense: str | None = None, augment: str = "crop_flip", epochs: int | None = None, seed: int = 0,
              precision: str = "auto", out: str | Path | None = None, progress: bool = False,
+             purify: PurifySettings | None = None, device: str | torch.device | None = "auto",
              **train_options: Any) -> EvaluationResult:
     """Train ``victim`` from scratch on the clean and on the released training split.
 
-    Both runs share every setting (seed, precision, epochs, augmentation, defense)
-    and are tested on the clean test split. ``defense``: counter-measures by name,
-    joined with '+' (see ``salm_fast.victims.defenses``). Writes ``evaluation.json``
-    and ``learning_curves.png`` into ``out`` when given.
+    Both runs share every setting (seed, precision, epochs, augmentation, counter-measures)
+    and are tested on the owner's clean test split. ``defense``: counter-measures by name,
+    joined with '+': the victim's (see ``salm_fast.victims.defenses``) and the attacker's
+    (:data:`ATTACKER_STEPS`: ``best-val`` keeps the epoch of best AUC on the clean val split,
+    ``clean-splits`` adds every split released clean (or, when none is, val as released),
+    ``purify`` removes the pattern our own code makes, settings in ``purify``). Binary tasks
+    report the protection AUC, max(AUC, 1 - AUC), beside the AUC. ``device``: where the victims
+    train (``auto``: CUDA when present); ``precision="auto"`` is chosen for that device. Writes
+    ``evaluation.json`` and ``learning_curves.png`` into ``out`` when given.
     """
     from .models import MODELS, build_model
-    from .victims import choose_precision, parse_defenses, perturbation_metrics, train_victim
+    from .victims import choose_precision, perturbation_metrics, train_victim
 
     if victim not in MODELS:
         raise ValueError(f"unknown victim {victim!r}; choose one of {', '.join(MODELS)}")
     seed = _check_count("seed", seed, 0)
     epochs = None if epochs is None else _check_count("epochs", epochs, 1)
-    defenses = parse_defenses(defense)  # validates the names before any training
+    dev = resolve_device(device)
+    steps, victim_defense = split_counter_measures(defense)  # validates the names before any training
+    if purify is not None and not isinstance(purify, PurifySettings):
+        raise TypeError(f"purify must be a PurifySettings or None, got {type(purify).__name__}")
     if out is not None:  # created only once everything is checked
         check_out_dir(Path(out))
         if Path(out).is_dir():
@@ -533,22 +723,27 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
     _check_pair(clean_ds, release_ds)
     test = clean_ds["test"]
     probe = build_model(victim, clean_ds.channels, clean_ds.n_classes, clean_ds.image_shape[0])
-    prec, reason = choose_precision(precision, model=probe, num_classes=clean_ds.n_classes,
+    prec, reason = choose_precision(precision, dev, model=probe, num_classes=clean_ds.n_classes,
                                     sample_shape=(32, clean_ds.channels, *clean_ds.image_shape))
-    common = dict(epochs=epochs, augment=augment, defense=defense, seed=seed, precision=prec,
-                  num_classes=clean_ds.n_classes, **train_options)
-    runs = {}
+    common = dict(epochs=epochs, augment=augment, defense=victim_defense, seed=seed, precision=prec,
+                  num_classes=clean_ds.n_classes, device=dev, **train_options)
+    runs, notes = {}, {}
     for name, ds in (("clean", clean_ds), ("release", release_ds)):
         if progress:
             print(f"training {victim} on the {name} data ...", flush=True)
-        result = train_victim(victim, ds["train"].images, ds["train"].labels, test.images, test.labels,
-                              progress=progress, **common)
-        runs[name] = result.to_dict()
+        data = attacker_data(clean_ds, ds, steps, seed=seed, purify=purify)
+        extra = {} if data.select == "last" else {"val_x": data.val_x, "val_y": data.val_y, "select": data.select}
+        result = train_victim(victim, data.train_x, data.train_y, test.images, test.labels, progress=progress,
+                              **common, **extra)
+        runs[name], notes[name] = result.to_dict(), data.notes
     pert = perturbation_metrics(storage_to_nchw(clean_ds["train"].images),
                                 storage_to_nchw(release_ds["train"].images))
-    res = EvaluationResult(victim, defenses.name, runs["clean"], runs["release"], pert, prec,
+    res = EvaluationResult(victim, counter_measure_name(defense), runs["clean"], runs["release"], pert, prec,
                            {"seed": seed, "augment": augment, "precision_reason": reason,
-                            "machine": machine_info()})
+                            "device": describe_device(dev),
+                            **({"purify": (purify or PurifySettings()).as_dict()} if "purify" in steps else {}),
+                            "machine": machine_info()},
+                           clean_ds.n_classes, {k: v for k, v in notes.items() if v})
     if out is not None:
         _write_evaluation(res, Path(out))
     return res

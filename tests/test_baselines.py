@@ -71,7 +71,8 @@ CASES = {
 def test_baseline_holds_its_budget_in_float_and_in_the_stored_release(case, channels, gray, rgb, tmp_path):
     ds = gray if channels == 1 else rgb
     method, options, eps = CASES[case]
-    res = protect(ds, method, out=tmp_path, seed=1, figure=case == "ops", **options)  # eps: the method's default
+    res = protect(ds, method, out=tmp_path, seed=1, figure=case == "ops", splits="train",
+                  **options)  # eps: the method's default
     assert res.summary["eps"] == eps and res.summary["budget_levels"] == budget_levels(eps)
     x, _ = ds["train"].to_tensors()
     d = res.delta
@@ -119,7 +120,7 @@ def test_defaults_resolve_per_method_and_existing_methods_keep_8_of_255(gray, tm
 @pytest.mark.parametrize("channels", [1, 3], ids=["gray", "rgb"])
 def test_ops_one_pixel_per_class_with_one_colour_and_classes_differ(channels, gray, rgb, tmp_path):
     ds = gray if channels == 1 else rgb
-    res = protect(ds, "ops", out=tmp_path, figure=False)
+    res = protect(ds, "ops", out=tmp_path, figure=False, splits="train")
     change = reload_change(ds, res.release_path)
     stored = nchw(load_medmnist(res.release_path)["train"].images)
     y = torch.from_numpy(np.array(ds["train"].labels[:, 0])).long()

@@ -100,7 +100,8 @@ def test_every_method_holds_its_budget_in_float_and_in_the_stored_release(case, 
     options = fast_options(case)
     k_opt = options.pop("k", None)
     figure = case == "salm"  # the figure once per layout (gray, RGB)
-    res = protect(ds, method_name(case), out=tmp_path, eps=EPS, k=k_opt, seed=1, figure=figure, **options)
+    res = protect(ds, method_name(case), out=tmp_path, eps=EPS, k=k_opt, seed=1, figure=figure, splits="train",
+                  **options)
     if figure:
         with Image.open(tmp_path / "protection.png") as im:
             assert im.format == "PNG" and im.size[0] > 100
@@ -137,7 +138,7 @@ def _xy(ds):
 
 
 def test_salm_classes_leave_other_classes_byte_identical(gray, tmp_path):
-    res = protect(gray, "salm", out=tmp_path, eps=EPS, k=0.1, classes=[1], seed=0, figure=False,
+    res = protect(gray, "salm", out=tmp_path, eps=EPS, k=0.1, classes=[1], seed=0, figure=False, splits="train",
                   **{k: v for k, v in fast_options("salm").items() if k != "k"})
     rel = load_medmnist(res.release_path)["train"].images
     y = gray["train"].labels[:, 0]

@@ -60,7 +60,7 @@ def is_png(path) -> bool:
 # ------------------------------------------------------------------------------ outputs
 def test_protect_writes_a_complete_set_of_outputs(breast_file, ds, tmp_path):
     out = tmp_path / "out"
-    res = protect(breast_file, "salm", out=out, eps=EPS, k=0.1, seed=0, loop=tiny_loop(), **SALM_FAST)
+    res = protect(breast_file, "salm", out=out, eps=EPS, k=0.1, seed=0, splits="train", loop=tiny_loop(), **SALM_FAST)
     assert res.release_path == out / "breastmnist.npz"
     assert sorted(snapshot(out)) == ["breastmnist.npz", "protection.png", "rounds.jsonl", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no work folder, lock or staging left
@@ -154,7 +154,7 @@ def test_resume_without_a_checkpoint_does_not_replace_a_finished_release(ds, tmp
 
 def test_image_folder_in_image_folder_out(ds, tmp_path):
     src = save_image_folder(ds, tmp_path / "in")
-    res = protect(src, "random", out=tmp_path / "out", eps=EPS, k=30, seed=0, figure=False)
+    res = protect(src, "random", out=tmp_path / "out", eps=EPS, k=30, seed=0, splits="train", figure=False)
     assert res.release_path == tmp_path / "out" / "images"
     rel, clean = load_image_folder(res.release_path), load_image_folder(src)
     for split in ("val", "test"):

@@ -335,7 +335,7 @@ class DefenseSpec:
     parameter strings of the name."""
 
     pattern: str
-    kind: str  # "data" | "batch" | "adversarial"
+    kind: str  # "data" | "batch" | "adversarial" | "attacker" (run by salm_fast.evaluate, not by a victim)
     description: str
     make: Callable[..., object]
 
@@ -365,7 +365,20 @@ DEFENSES: dict[str, DefenseSpec] = {
                           lambda a=None: CutMix(1.0 if a is None else float(a))),
     "adv": DefenseSpec("adv-<eps /255>", "adversarial", "PGD adversarial training, 5 steps of eps/4",
                        lambda e: AdversarialTraining(float(e))),
+    # The attacker's protocol steps: they need the owner's clean val split, the release's other splits or
+    # our protection code, so salm_fast.evaluate and the experiment grid run them (api.attacker_data).
+    "best-val": DefenseSpec("best-val", "attacker", "keep the epoch of best AUC on the clean val split",
+                            lambda: _attacker_step("best-val")),
+    "clean-splits": DefenseSpec("clean-splits", "attacker", "also train on every split released clean",
+                                lambda: _attacker_step("clean-splits")),
+    "purify": DefenseSpec("purify", "attacker", "known-pattern removal: re-protect, learn the pattern, remove it",
+                          lambda: _attacker_step("purify")),
 }
+
+
+def _attacker_step(name: str):
+    raise ValueError(f"{name} is a step of the attacker's protocol, not a victim defense: "
+                     "salm_fast.evaluate and salm-fast experiment run it")
 
 _NUMBER = r"\d+(?:\.\d+)?"
 _NAME_RE = re.compile(rf"^([a-z_]+)((?:-{_NUMBER})*)$")
@@ -378,6 +391,8 @@ def valid_names() -> str:
 def make_defense(name: str) -> DataDefense | BatchDefense | AdversarialTraining:
     """One defense from its name, e.g. ``"jpeg-50"``, ``"blur-0.5"``, ``"adv-8"``."""
     token = name.strip().lower()
+    if token in DEFENSES and DEFENSES[token].kind == "attacker":
+        return DEFENSES[token].make()  # type: ignore[return-value]
     m = _NAME_RE.match(token)
     base = m.group(1) if m else None
     if base not in DEFENSES:
