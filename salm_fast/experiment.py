@@ -1,17 +1,30 @@
-"""Experiment grids: datasets x methods x victims x defenses x seeds, cached and resumable.
+"""Experiment grids: datasets x methods x victims x counter-measures x seeds, cached, resumable, shardable.
 
 One cell = one victim trained from scratch on one release (or on the clean data,
-method ``clean``) and tested on the clean test split. Protections are shared by all
-cells that use them. Everything lands under ``root``:
+method ``clean``) and tested on the owner's clean test split. Protections are shared by
+all cells that use them. Everything lands under ``root``:
 
-    root/releases/<dataset>/<method>-s<seed>/   protect() output (release, summary.json, figure)
-    root/cells/<dataset>/<method>-s<seed>/<victim>-<defense>[-e<epochs>].json    one finished cell
+    root/releases/<dataset>-<digest>/<method>-s<seed>-<key>/   protect() output (release, summary.json, ...)
+    root/cells/<dataset>-<digest>/<method>-s<seed>/<victim>-<defense>-e<epochs>-<key>.json   one finished cell
     root/results.json, root/results.csv        the tidy table: every finished cell under root
 
-A finished cell or protection is never recomputed; an interrupted grid continues
-where it stopped. Every row carries the command that reproduces it.
+``<digest>`` is the dataset's content (two files of one name are two datasets); ``<key>``
+hashes every setting that changes the result (method spec, eps, seed, victim, counter-measures,
+epochs, augmentation, precision, the known-pattern attacker's settings). A finished cell or
+protection is never recomputed; an interrupted grid continues where it stopped. Every row
+carries the command that reproduces it.
 
-Method specs: ``clean``, ``salm``, ``salm:k=0.05``, ``salm:k=0.1,noise=pgd``, ``samplewise``, ...
+Method specs: ``clean``, ``salm``, ``salm:k=0.05``, ``salm:k=0.1,noise=pgd``, ``samplewise``, ...;
+the grid's own option ``splits=`` (``all``, the default, ``train``, ``train|val``) says which splits
+the release perturbs. Counter-measures: the victim's (``jpeg-10``, ``mixup``, ``adv-8``, ...) and the
+attacker's (``best-val``, ``clean-splits``, ``purify``; see :data:`salm_fast.api.ATTACKER_STEPS`).
+Binary tasks report the protection AUC, max(AUC, 1 - AUC), beside the AUC.
+
+Sharding: ``shard=(i, n)`` (CLI ``--shard i/n``) runs the cells whose index modulo ``n`` is ``i``;
+without it, the rank and world size of an initialized ``torch.distributed`` group (or the
+``RANK`` / ``WORLD_SIZE`` variables ``torchrun`` sets) choose the shard. Every shard writes the
+table from all finished cells under the root; a protection another shard is computing is
+waited for, not computed twice.
 """
 from __future__ import annotations
 
@@ -20,23 +33,26 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import re
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .data import Dataset, atomic_path, atomic_write_json, load_dataset, storage_to_nchw
+from .data import Dataset, OutputInUseError, atomic_path, atomic_write_json, load_dataset, storage_to_nchw
 
 CLEAN = "clean"
+#: Grid-level options of a method spec (not the method's own): which splits the release perturbs.
+GRID_OPTIONS = ("splits",)
 TABLE_FIELDS = [
     "dataset", "method", "method_name", "k", "victim", "defense", "seed", "test_acc", "test_auc",
-    "test_balanced_acc", "train_acc", "clean_test_auc_same_victim", "epochs", "precision", "protect_seconds",
-    "protect_images_per_s", "victim_seconds", "victim_images_per_s", "linf_255", "l0", "psnr_db", "ssim",
-    "command",
+    "test_auc_protection", "test_balanced_acc", "train_acc", "clean_test_auc_same_victim", "epochs", "best_epoch",
+    "augment", "precision", "protect_seconds", "protect_images_per_s", "victim_seconds", "victim_images_per_s",
+    "linf_255", "l0", "psnr_db", "ssim", "notes", "command",
 ]
 
 
@@ -78,7 +94,7 @@ class MethodSpec:
             if opts:
                 raise ValueError("the clean baseline takes no options")
         else:
-            check_options(name, (key for key, _ in opts))
+            check_options(name, (key for key, _ in opts if key not in GRID_OPTIONS))
             if "seed" in dict(opts):  # the grid's seeds axis sets it
                 raise ValueError(f"seed is not a method option in {text!r}; give the grid's seeds instead")
         return cls(name, tuple(sorted(opts)))
@@ -117,6 +133,81 @@ def dataset_tag(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.split(":")[0]) + "-" + digest
 
 
+def parse_epochs(value: int | str | Mapping[str, int] | None) -> int | dict[str, int] | None:
+    """Victim epochs: None (each victim's default), one number for every dataset, or per dataset as
+    ``"breastmnist=30,pneumoniamnist=15"`` (a mapping of the same); a dataset is named by its file's stem,
+    its spec, or a spec's kind (``synthetic``)."""
+    def count(v: Any, where: str) -> int:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"epochs{where} must be an integer >= 1, got {v!r}")
+        return v
+
+    if value is None or isinstance(value, int):
+        return None if value is None else count(value, "")
+    if isinstance(value, str):
+        if "=" not in value:
+            return count(value, "")
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if any(not eq or not name.strip() for name, eq, _ in pairs):
+            raise ValueError(f"epochs {value!r}: expected one number or name=number pairs (breastmnist=30,...)")
+        value = {name.strip(): n.strip() for name, _, n in pairs}
+    if isinstance(value, Mapping) and value:
+        return {str(name): count(n, f" of {name}") for name, n in value.items()}
+    raise ValueError(f"epochs must be a number, name=number pairs or a mapping, got {value!r}")
+
+
+def _dataset_names(spec: str) -> set[str]:
+    """The names a per-dataset setting may use for ``spec``."""
+    p = Path(spec)
+    names = {spec, dataset_tag(spec)}
+    if _is_spec(spec):
+        names.add(spec.split(":")[0])
+    elif p.suffix or p.is_dir():
+        names.add(p.stem if p.suffix else p.name)
+    return names
+
+
+def resolve_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
+    """``(index, count)``: ``"i/n"`` or a pair as given; None: the initialized torch.distributed group's rank
+    and world size, else ``RANK`` / ``WORLD_SIZE`` from the environment (torchrun), else ``(0, 1)``."""
+    where = "shard"
+    if shard is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if rank is None or world is None:
+            return 0, 1
+        shard, where = (rank, world), "RANK / WORLD_SIZE"
+    if isinstance(shard, str):
+        i, slash, n = shard.partition("/")
+        shard = (i, n) if slash else ("", "")
+    try:
+        i, n = (int(str(v).strip()) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be i/n with integers 0 <= i < n, got {shard!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"{where} must be i/n with integers 0 <= i < n, got {i}/{n}")
+    return i, n
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """A digest of a dataset's content (every split's images and labels, its class count)."""
+    h = hashlib.sha256(f"{ds.n_classes}".encode())
+    for name, split in ds.splits.items():
+        h.update(f"|{name}|{split.images.shape}|".encode())
+        h.update(np.ascontiguousarray(split.images).tobytes())
+        h.update(np.ascontiguousarray(split.labels).tobytes())
+    return h.hexdigest()
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 @dataclass(frozen=True)
 class Cell:
     dataset: str
@@ -127,13 +218,22 @@ class Cell:
 
 
 class Grid:
-    """A cached, resumable grid of protections and victim trainings."""
+    """A cached, resumable, shardable grid of protections and victim trainings."""
+
+    #: Seconds between looks at a protection another shard is computing.
+    poll_s = 10.0
 
     def __init__(self, root: str | Path, datasets: Sequence[str], methods: Sequence[str], victims: Sequence[str],
-                 defenses: Sequence[str] = ("none",), seeds: Sequence[int] = (0,), *, epochs: int | None = None,
-                 precision: str = "auto", augment: str = "crop_flip", eps: float | None = None):
+                 defenses: Sequence[str] = ("none",), seeds: Sequence[int] = (0,), *,
+                 epochs: int | str | Mapping[str, int] | None = None, precision: str = "auto",
+                 augment: str = "crop_flip", eps: float | None = None, shard: str | tuple[int, int] | None = None,
+                 purify: Any = None, device: Any = "auto"):
+        from .api import PurifySettings, counter_measure_name
         from .models import MODELS
-        from .victims import parse_defenses
+        from .runtime import resolve_device
+
+        self.device = resolve_device(device)  # protections and victims run there; ValueError if it is not here
+        self.device_requested = str(device)
 
         self.root = Path(root)
         self.datasets = list(datasets)
@@ -142,36 +242,91 @@ class Grid:
         if bad:
             raise ValueError(f"unknown victims {bad}; choose from {', '.join(MODELS)}")
         self.victims = list(victims)
-        self.defenses = [parse_defenses(None if d == "none" else d).name for d in defenses]
+        self.defenses = list(dict.fromkeys(counter_measure_name(d) for d in defenses))
         self.seeds = [int(s) for s in seeds]
-        self.epochs, self.precision, self.augment, self.eps = epochs, precision, augment, eps
+        self.precision, self.augment, self.eps = precision, augment, eps
         if not self.datasets or not self.methods or not self.victims:
             raise ValueError("a grid needs at least one dataset, method and victim")
+        self.epochs = parse_epochs(epochs)
+        if isinstance(self.epochs, dict):
+            named = {name for ds in self.datasets for name in _dataset_names(ds)}
+            unknown = sorted(set(self.epochs) - named)
+            missing = [ds for ds in self.datasets if not _dataset_names(ds) & set(self.epochs)]
+            if unknown or missing:
+                raise ValueError(f"epochs per dataset: {'no dataset named ' + ', '.join(unknown) if unknown else ''}"
+                                 f"{'; ' if unknown and missing else ''}"
+                                 f"{'no value for ' + ', '.join(map(dataset_tag, missing)) if missing else ''}")
+        self.shard = resolve_shard(shard)
+        self.purify = purify if purify is not None else PurifySettings()
+        if not isinstance(self.purify, PurifySettings):
+            raise TypeError(f"purify must be a PurifySettings or None, got {type(purify).__name__}")
         self._data: dict[str, Dataset] = {}
+        self._digest: dict[str, str] = {}
         self._precision: dict[tuple[str, str], tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ layout
     def cells(self) -> list[Cell]:
+        """Every cell of the grid, in a fixed order (seeds vary fastest)."""
         return [Cell(*c) for c in itertools.product(self.datasets, self.methods, self.victims, self.defenses,
                                                     self.seeds)]
 
+    def my_cells(self) -> list[Cell]:
+        """The cells of this shard: index modulo the shard count equals the shard index."""
+        i, n = self.shard
+        return [c for idx, c in enumerate(self.cells()) if idx % n == i]
+
+    def epochs_for(self, dataset: str) -> int | None:
+        if not isinstance(self.epochs, dict):
+            return self.epochs
+        return next(n for name, n in self.epochs.items() if name in _dataset_names(dataset))
+
+    def digest(self, dataset: str) -> str:
+        if dataset not in self._digest:
+            self._digest[dataset] = dataset_digest(self.dataset(dataset))
+        return self._digest[dataset]
+
+    def release_key(self, dataset: str, method: MethodSpec, seed: int) -> dict[str, Any]:
+        """Every setting that changes a release."""
+        return {"dataset": self.digest(dataset), "method": str(method), "eps": self.eps, "seed": seed}
+
+    def cell_key(self, cell: Cell) -> dict[str, Any]:
+        """Every setting that changes a cell's result."""
+        key = {**self.release_key(cell.dataset, cell.method, cell.seed), "victim": cell.victim,
+               "defense": cell.defense, "epochs": self.epochs_for(cell.dataset), "augment": self.augment,
+               "precision": self.precision}
+        if "purify" in cell.defense.split("+"):
+            key["purify"] = self.purify.as_dict()
+        return key
+
+    def _dataset_dir(self, dataset: str) -> str:
+        return f"{dataset_tag(dataset)}-{self.digest(dataset)[:8]}"
+
     def release_dir(self, dataset: str, method: MethodSpec, seed: int) -> Path:
-        return self.root / "releases" / dataset_tag(dataset) / f"{method.tag}-s{seed}"
+        key = _key_hash(self.release_key(dataset, method, seed))
+        return self.root / "releases" / self._dataset_dir(dataset) / f"{method.tag}-s{seed}-{key}"
 
     def cell_path(self, cell: Cell) -> Path:
         defense = re.sub(r"[^A-Za-z0-9_.-]+", "-", cell.defense)
-        epochs = "" if self.epochs is None else f"-e{self.epochs}"  # a cell at other epochs is another cell
-        return (self.root / "cells" / dataset_tag(cell.dataset) / f"{cell.method.tag}-s{cell.seed}"
-                / f"{cell.victim}-{defense}{epochs}.json")
+        epochs = self.epochs_for(cell.dataset)
+        name = f"{cell.victim}-{defense}-e{'default' if epochs is None else epochs}-{_key_hash(self.cell_key(cell))}"
+        folder = self.root / "cells" / self._dataset_dir(cell.dataset) / f"{cell.method.tag}-s{cell.seed}"
+        return folder / f"{name}.json"
 
     def command(self, cell: Cell) -> str:
         parts = ["salm-fast", "experiment", "--root", str(self.root), "--datasets", cell.dataset,
                  "--methods", str(cell.method), "--victims", cell.victim, "--defenses", cell.defense,
                  "--seeds", str(cell.seed)]
-        if self.epochs is not None:
-            parts += ["--epochs", str(self.epochs)]
+        epochs = self.epochs_for(cell.dataset)
+        if epochs is not None:
+            parts += ["--epochs", str(epochs)]
         if self.augment != "crop_flip":
             parts += ["--augment", self.augment]
+        if self.precision != "auto":
+            parts += ["--precision", self.precision]
+        if self.device_requested != "auto":
+            parts += ["--device", self.device_requested]
+        if self.eps is not None:
+            parts += ["--eps", f"{self.eps * 255:g}/255"]
         return " ".join(shlex.quote(p) for p in parts)
 
     # ------------------------------------------------------------------ work
@@ -181,7 +336,8 @@ class Grid:
         return self._data[spec]
 
     def protection(self, dataset: str, method: MethodSpec, seed: int, progress: bool) -> tuple[Dataset, dict]:
-        """The release for (dataset, method, seed): loaded from the cache or computed once."""
+        """The release for (dataset, method, seed): loaded from the cache or computed once (another shard
+        computing it is waited for)."""
         from .api import protect, release_path_for
 
         ds = self.dataset(dataset)
@@ -189,14 +345,23 @@ class Grid:
             return ds, {}
         out = self.release_dir(dataset, method, seed)
         summary_path = out / "summary.json"
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            return load_dataset(out / summary["files"]["release"]), summary
         options = dict(method.options)
-        result = protect(ds, method.name, out=out, eps=options.pop("eps", self.eps), seed=seed, overwrite=True,
-                         resume=True, progress=progress, **options)
-        assert result.release_path == release_path_for(ds, out)
-        return result.release, result.summary
+        splits, eps = options.pop("splits", "all"), options.pop("eps", self.eps)
+        waiting = False
+        while not summary_path.exists():
+            try:
+                result = protect(ds, method.name, out=out, eps=eps, seed=seed, splits=splits, overwrite=True,
+                                 resume=True, progress=progress, device=self.device, **options)
+            except OutputInUseError:  # another shard is computing this release: wait for it
+                if not waiting and progress:
+                    print(f"waiting for another shard to finish {out}", flush=True)
+                waiting = True
+                time.sleep(self.poll_s)
+                continue
+            assert result.release_path == release_path_for(ds, out)
+            return result.release, result.summary
+        summary = json.loads(summary_path.read_text())
+        return load_dataset(out / summary["files"]["release"]), summary
 
     def precision_for(self, dataset: str, victim: str) -> tuple[str, str]:
         from .models import build_model
@@ -206,12 +371,14 @@ class Grid:
         if key not in self._precision:
             ds = self.dataset(dataset)
             probe = build_model(victim, ds.channels, ds.n_classes, ds.image_shape[0])
-            self._precision[key] = choose_precision(self.precision, model=probe, num_classes=ds.n_classes,
+            self._precision[key] = choose_precision(self.precision, self.device, model=probe,
+                                                    num_classes=ds.n_classes,
                                                     sample_shape=(32, ds.channels, *ds.image_shape))
         return self._precision[key]
 
     def run_cell(self, cell: Cell, progress: bool = False) -> dict:
-        from .victims import perturbation_metrics, train_victim
+        from .api import attacker_data, split_counter_measures
+        from .victims import perturbation_metrics, protection_auc, train_victim
 
         path = self.cell_path(cell)
         if path.exists():
@@ -219,25 +386,31 @@ class Grid:
         clean = self.dataset(cell.dataset)
         release, summary = self.protection(cell.dataset, cell.method, cell.seed, progress)
         prec, reason = self.precision_for(cell.dataset, cell.victim)
+        steps, victim_defense = split_counter_measures(cell.defense)
+        data = attacker_data(clean, release, steps, seed=cell.seed, purify=self.purify)
+        extra = {} if data.select == "last" else {"val_x": data.val_x, "val_y": data.val_y, "select": data.select}
         test = clean["test"]
-        result = train_victim(cell.victim, release["train"].images, release["train"].labels, test.images,
-                              test.labels, epochs=self.epochs, augment=self.augment,
-                              defense=None if cell.defense == "none" else cell.defense, seed=cell.seed,
-                              precision=prec, num_classes=clean.n_classes, progress=progress)
+        result = train_victim(cell.victim, data.train_x, data.train_y, test.images, test.labels,
+                              epochs=self.epochs_for(cell.dataset), augment=self.augment, defense=victim_defense,
+                              seed=cell.seed, precision=prec, num_classes=clean.n_classes, progress=progress,
+                              device=self.device, **extra)
         pert = perturbation_metrics(storage_to_nchw(clean["train"].images), storage_to_nchw(release["train"].images))
         row = {
-            "dataset": cell.dataset, "method": str(cell.method), "method_name": cell.method.name,
-            "k": cell.method.option("k", (summary.get("options") or {}).get("k")),
+            "dataset": cell.dataset, "dataset_digest": self.digest(cell.dataset), "method": str(cell.method),
+            "method_name": cell.method.name, "k": cell.method.option("k", (summary.get("options") or {}).get("k")),
             "victim": cell.victim, "defense": cell.defense, "seed": cell.seed,
             "test_acc": result.test["acc"], "test_auc": result.test["auc"],
+            "test_auc_protection": protection_auc(result.test["auc"], clean.n_classes),
             "test_balanced_acc": result.test["balanced_acc"],
             "train_acc": (result.train or {}).get("acc"), "epochs": result.settings.get("epochs"),
-            "precision": prec, "precision_reason": reason,
+            "best_epoch": result.best_epoch, "augment": self.augment, "trained_on": data.splits,
+            "precision": prec, "precision_requested": self.precision, "precision_reason": reason,
             "protect_seconds": summary.get("seconds"), "protect_images_per_s": summary.get("images_per_second"),
+            "released_splits": summary.get("splits"),
             "victim_seconds": result.time_s, "victim_images_per_s": result.images_per_s,
             "linf_255": pert["linf_255"], "l0": pert["l0"], "psnr_db": pert["psnr_db"],
             "ssim": pert["ssim"], "history": result.history, "per_class_test_acc": _per_class(result, test),
-            "notes": result.notes, "command": self.command(cell),
+            "notes": [*data.notes, *result.notes], "command": self.command(cell), "key": self.cell_key(cell),
             "protect_summary": {k: summary.get(k) for k in ("options", "budget", "protection", "machine")},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,9 +418,11 @@ class Grid:
         return row
 
     def run(self, progress: bool = True, log=print) -> list[dict]:
-        cells = self.cells()
+        """Run this shard's cells (finished ones are read back); the table is rewritten after each."""
+        cells = self.my_cells()
         rows = []
         t0 = time.perf_counter()
+        shard = "" if self.shard == (0, 1) else f" (shard {self.shard[0]}/{self.shard[1]})"
         for i, cell in enumerate(cells, 1):
             cached = self.cell_path(cell).exists()
             t = time.perf_counter()
@@ -255,22 +430,28 @@ class Grid:
             rows.append(row)
             if log:
                 state = "cached" if cached else f"{time.perf_counter() - t:.0f} s"
-                log(f"[{i}/{len(cells)}] {dataset_tag(cell.dataset)} {cell.method} {cell.victim} {cell.defense} seed {cell.seed}: "
-                    f"ACC {row['test_acc']:.3f} AUC {row['test_auc']:.3f} ({state})")
+                log(f"[{i}/{len(cells)}]{shard} {dataset_tag(cell.dataset)} {cell.method} {cell.victim} {cell.defense} "
+                    f"seed {cell.seed}: ACC {row['test_acc']:.3f} AUC {row['test_auc']:.3f} "
+                    f"protection AUC {row['test_auc_protection']:.3f} ({state})")
             self.write_table(rows)
         if log:
-            log(f"grid done: {len(cells)} cells in {time.perf_counter() - t0:.0f} s; table {self.root / 'results.csv'}")
+            log(f"grid done{shard}: {len(cells)} cells in {time.perf_counter() - t0:.0f} s; "
+                f"table {self.root / 'results.csv'}")
         return rows
 
     def finished_rows(self) -> list[dict]:
         """Every finished cell under this root, this grid's and earlier grids' (other datasets,
-        victims, epochs...): the root's table grows as grids are added to it."""
+        victims, epochs, other shards...): the root's table grows as grids are added to it."""
         return [json.loads(p.read_text()) for p in sorted((self.root / "cells").glob("*/*/*.json"))]
 
     def write_table(self, rows: Iterable[dict]) -> None:
+        """``results.json`` and ``results.csv`` from ``rows`` and every other finished cell under the root."""
+        def ident(r: dict) -> str:
+            return json.dumps(r["key"], sort_keys=True, default=str) if r.get("key") else r.get("command", "")
+
         rows = list(rows)
-        mine = {r["command"] for r in rows}
-        rows += [r for r in self.finished_rows() if r.get("command") not in mine]
+        mine = {ident(r) for r in rows}
+        rows += [r for r in self.finished_rows() if ident(r) not in mine]
         self._add_clean_reference(rows)
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.root / "results.json", rows)
@@ -285,7 +466,8 @@ class Grid:
     @staticmethod
     def _add_clean_reference(rows: list[dict]) -> None:
         def key(r):
-            return canonical_dataset(r["dataset"]), r["victim"], r["defense"], r["seed"], r.get("epochs")
+            return (r.get("dataset_digest") or canonical_dataset(r["dataset"]), r["victim"], r["defense"], r["seed"],
+                    r.get("epochs"), r.get("augment", "crop_flip"))
 
         ref = {key(r): r["test_auc"] for r in rows if r["method_name"] == CLEAN}
         for r in rows:
@@ -315,4 +497,6 @@ def _per_class(result, test) -> dict[str, float] | None:
 def _fmt(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.4f}"
+    if isinstance(v, list):
+        return "; ".join(map(str, v))
     return "" if v is None else v

@@ -1,21 +1,30 @@
 """``salm-fast report``: a Markdown report (with PNG figures) from an experiment grid's table.
 
-Sections, each present when the grid holds the cells it needs:
+Cells: the **protection AUC** (for a binary task max(AUC, 1 - AUC): an attacker with a few clean
+labeled images flips an inverted ranking; otherwise the AUC) as mean +- std over seeds with n,
+then the raw test AUC (mean). Sections, each present when the grid holds the cells it needs, per
+dataset and victim epochs:
 
-* main table: rows = methods, columns = victims, cells = clean test ACC / AUC
-  (mean over seeds), the clean-data victim as the first row; per dataset, no defense;
-* counter-measures: rows = methods, columns = defenses, for each victim that has them;
+* the protocol table: rows = methods (the clean data first, then the default SALM, its named
+  variants, the baselines), columns = victims, no counter-measure; PSNR / SSIM per method; where
+  a variant or a baseline leaves a lower protection AUC than the default SALM, a line says so;
+* counter-measures: rows = methods, columns = counter-measures in a fixed order (none, jpeg-10,
+  jpeg-50, blur, iss, cutout, mixup, cutmix, bitdepth-4, best-val, clean-splits, purify, adv-8,
+  then any other), the clean-data row beside; the chosen victim (ResNet-18 by default) first;
+* rounds: the protection AUC after 1, 5 and the default number of bi-level rounds, when the grid
+  holds method specs that differ only in ``rounds=``;
 * K sweep: clean test accuracy and AUC vs K for SALM, per dataset (figure);
 * learning curves: a victim's train / clean-test accuracy per epoch, clean vs protected;
 * selected classes: per-class clean test accuracy when SALM protects only some classes.
 
-Each table row names the command that reproduces its cells.
+Each table names the command that reproduces its cells.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 from .data.atomic import atomic_path
 from .experiment import CLEAN, MethodSpec, canonical_dataset, dataset_tag, load_results
@@ -27,56 +36,95 @@ def _code(text: str) -> str:
     return "`" + str(text).replace("|", "\\|") + "`"
 
 
+#: Column order of the counter-measures table (others follow, sorted).
+COUNTER_MEASURES = ("none", "jpeg-10", "jpeg-50", "blur", "iss", "cutout", "mixup", "cutmix", "bitdepth-4",
+                    "best-val", "clean-splits", "purify", "adv-8")
+
+
+def _protection(r: dict) -> float:
+    """A row's protection AUC (rows written before it was recorded: the AUC)."""
+    value = r.get("test_auc_protection")
+    return r["test_auc"] if value is None else value
+
+
+def _default_salm(specs: dict[str, MethodSpec]) -> list[str]:
+    """The default SALM's rows: spec ``salm`` (no options); without it, SALM at K <= 20% (no class selection)."""
+    exact = [m for m, sp in specs.items() if sp.name == "salm" and not sp.options]
+    return exact or [m for m, sp in specs.items() if sp.name == "salm" and sp.option("classes") is None
+                     and isinstance(sp.option("k"), float) and sp.option("k") <= 0.2]
+
+
 def _beats_salm(rows: list[dict], victims: list[str]) -> list[str]:
-    """Where another protection leaves a victim a lower test AUC than the best SALM at K <= 20%."""
+    """Where a variant or a baseline leaves a victim a lower protection AUC than the default SALM."""
     out = []
     for v in victims:
-        auc: dict[str, list[float]] = defaultdict(list)
+        prot: dict[str, list[float]] = defaultdict(list)
         for r in rows:
             if r["victim"] == v and r["method_name"] != CLEAN:
-                auc[r["method"]].append(r["test_auc"])
-        specs = {m: MethodSpec.parse(m) for m in auc}
-        salm = [mean(auc[m]) for m, sp in specs.items() if sp.name == "salm" and sp.option("classes") is None
-                and isinstance(sp.option("k"), float) and sp.option("k") <= 0.2]
-        if not salm:
+                prot[r["method"]].append(_protection(r))
+        specs = {m: MethodSpec.parse(m) for m in prot}
+        default = _default_salm(specs)
+        if not default:
             continue
-        best = min(salm)
-        better = sorted((mean(a), m) for m, a in auc.items() if specs[m].name != "salm" and mean(a) < best)
+        best = min(mean(prot[m]) for m in default)
+        label = _code(default[0]) if len(default) == 1 else "the best SALM at K <= 20%"
+        better = sorted((mean(a), m) for m, a in prot.items() if m not in default and mean(a) < best)
         if better:
-            out.append(f"- {v}: lower victim AUC than the best SALM at K <= 20% ({best:.3f}): "
-                       + ", ".join(f"{_code(m)} {a:.3f}" for a, m in better) + "."
-                       + (" (An AUC under 0.5 is an inverted ranking: flipping the victim's scores gives 1 - AUC.)"
-                          if any(a < 0.5 for a, _ in better) else ""))
+            out.append(f"- {v}: lower protection AUC than {label} ({best:.3f}): "
+                       + ", ".join(f"{_code(m)} {a:.3f}" for a, m in better) + ".")
     return out
 
 
+def _stats(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    spread = f" ± {stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{mean(values):.3f}{spread} ({len(values)})"
+
+
 def _fmt_cell(rows: list[dict]) -> str:
+    """protection AUC mean ± std (n) · raw AUC mean; best-val cells add the mean best epoch."""
     if not rows:
         return "-"
-    acc = mean(r["test_acc"] for r in rows)
-    auc = mean(r["test_auc"] for r in rows)
-    n = f" (n={len(rows)})" if len(rows) > 1 else ""
-    return f"{acc:.3f} / {auc:.3f}{n}"
+    cell = f"{_stats([_protection(r) for r in rows])} · {mean(r['test_auc'] for r in rows):.3f}"
+    epochs = [r["best_epoch"] for r in rows if r.get("best_epoch") is not None]
+    if epochs:
+        cell += f" (best ep. {mean(epochs):.1f})"
+    if any("no clean split released" in note for r in rows for note in r.get("notes") or []):
+        cell += " †"
+    return cell
 
 
 def _method_order(methods: set[str]) -> list[str]:
+    """The clean data, the default SALM, SALM's variants, then the baselines (by name and K)."""
     def key(m: str):
         spec = MethodSpec.parse(m)
-        rank = {CLEAN: 0, "random": 1, "salm": 2}.get(spec.name, 3)
+        rank = 0 if spec.name == CLEAN else 1 if str(spec) == "salm" else 2 if spec.name == "salm" else 3
         k = spec.option("k")
         return rank, spec.name, k if isinstance(k, (int, float)) else 0, m
     return sorted(methods, key=key)
 
 
-def _table(rows: list[dict], row_key: str, col_key: str, rows_order: list[str], cols_order: list[str]) -> list[str]:
+def _quality(rows: list[dict]) -> str:
+    """Mean PSNR / SSIM of a method's releases (the clean data: -)."""
+    psnr = [r["psnr_db"] for r in rows if r.get("psnr_db") is not None and math.isfinite(r["psnr_db"])]
+    ssim = [r["ssim"] for r in rows if r.get("ssim") is not None]
+    return f"{mean(psnr):.1f} | {mean(ssim):.4f}" if psnr and ssim else "- | -"
+
+
+def _table(rows: list[dict], row_key: str, col_key: str, rows_order: list[str], cols_order: list[str], *,
+           quality: bool = False) -> list[str]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r[row_key], r[col_key])].append(r)
-    head = f"| {row_key} | " + " | ".join(cols_order) + " |"
-    lines = [head, "|" + "---|" * (len(cols_order) + 1)]
+    extra = " PSNR dB | SSIM |" if quality else ""
+    head = f"| {row_key} | " + " | ".join(cols_order) + " |" + extra
+    lines = [head, "|" + "---|" * (len(cols_order) + 1 + 2 * quality)]
     for rk in rows_order:
         cells = [_fmt_cell(groups.get((rk, ck), [])) for ck in cols_order]
-        lines.append(f"| {_code(rk)} | " + " | ".join(cells) + " |")
+        tail = f" {_quality([r for r in rows if r[row_key] == rk])} |" if quality else ""
+        lines.append(f"| {_code(rk)} | " + " | ".join(cells) + " |" + tail)
     return lines
 
 
@@ -175,29 +223,68 @@ def selected_classes_section(rows: list[dict]) -> list[str]:
     return out
 
 
-def _dataset_section(rows: list[dict], ds: str, victims_all: list[str], main_defense: str) -> list[str]:
-    """Methods x victims for one dataset, then counter-measures x methods per victim that has them."""
+def _counter_measure_order(names: set[str]) -> list[str]:
+    known = [d for d in COUNTER_MEASURES if d in names]
+    return known + sorted(names - set(known))
+
+
+def _without_rounds(spec: MethodSpec) -> str:
+    return str(MethodSpec(spec.name, tuple((k, v) for k, v in spec.options if k != "rounds")))
+
+
+def rounds_section(rows: list[dict], main_defense: str = "none") -> list[str]:
+    """Protection AUC after 1, 5, ... and the default number of rounds: method specs that differ only in
+    ``rounds=`` (the one without it is the default)."""
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        spec = MethodSpec.parse(r["method"])
+        if spec.name != CLEAN and r["defense"] == main_defense:
+            rounds = spec.option("rounds")
+            groups[_without_rounds(spec)]["default" if rounds is None else str(rounds)].append(r)
+    groups = {base: per for base, per in groups.items() if len(per) >= 2}
+    if not groups:
+        return []
+    cols = sorted({c for per in groups.values() for c in per}, key=lambda c: (c == "default", int(c) if c.isdigit()
+                                                                               else 0))
+    md = ["| method | victim | " + " | ".join(f"rounds {c}" for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for base, per in sorted(groups.items()):
+        for v in sorted({r["victim"] for rs in per.values() for r in rs}):
+            cells = [_fmt_cell([r for r in per.get(c, []) if r["victim"] == v]) for c in cols]
+            if sum(cell != "-" for cell in cells) >= 2:  # a victim seen after one number of rounds compares nothing
+                md.append(f"| {_code(base)} | {v} | " + " | ".join(cells) + " |")
+    return md
+
+
+def _dataset_section(rows: list[dict], ds: str, victims_all: list[str], main_defense: str,
+                     counter_measures_victim: str) -> list[str]:
+    """Per victim epochs: methods x victims for one dataset (the protocol table), then counter-measures x
+    methods per victim that has them (``counter_measures_victim`` first), then the rounds table."""
     md: list[str] = []
-    sub = [r for r in rows if r["dataset"] == ds and r["defense"] == main_defense]
-    if not sub:
-        return md
-    victims = [v for v in victims_all if any(r["victim"] == v for r in sub)]
-    md += [f"## {dataset_tag(ds)}: methods x victims (defense: {main_defense})", ""]
-    md += _table(sub, "method", "victim", _method_order({r["method"] for r in sub}), victims)
-    md += ["", *_beats_salm(sub, victims)]
-    md += ["", "Reproduce a cell: " + f"`{sub[0]['command']}` (change --methods/--victims).", ""]
-    defenses = sorted({r["defense"] for r in rows if r["dataset"] == ds})
-    if len(defenses) < 2:
-        return md
-    for v in victims_all:
-        attacked = {r["method"] for r in rows if r["dataset"] == ds and r["victim"] == v and r["defense"] != "none"}
-        dsub = [r for r in rows if r["dataset"] == ds and r["victim"] == v and r["method"] in attacked]
-        dnames = sorted({r["defense"] for r in dsub}, key=lambda d: (d != "none", d))
-        if len(dnames) < 2:
-            continue
-        md += [f"### {dataset_tag(ds)}: counter-measures against the release ({v})", ""]
-        md += _table(dsub, "method", "defense", _method_order({r["method"] for r in dsub}), dnames)
-        md += [""]
+    for epochs in sorted({r.get("epochs") or 0 for r in rows if r["dataset"] == ds}):
+        here = [r for r in rows if r["dataset"] == ds and (r.get("epochs") or 0) == epochs]
+        title = f"{dataset_tag(ds)}, {epochs} epochs" if epochs else dataset_tag(ds)
+        sub = [r for r in here if r["defense"] == main_defense]
+        if sub:
+            victims = [v for v in victims_all if any(r["victim"] == v for r in sub)]
+            md += [f"## {title}: methods x victims (counter-measure: {main_defense})", ""]
+            md += _table(sub, "method", "victim", _method_order({r["method"] for r in sub}), victims, quality=True)
+            beats = _beats_salm(sub, victims)
+            md += ["", *beats, *([""] if beats else [])]
+            md += ["Reproduce a cell: " + f"`{sub[0]['command']}` (change --methods/--victims).", ""]
+        for v in sorted(victims_all, key=lambda name: name != counter_measures_victim):
+            attacked = {r["method"] for r in here if r["victim"] == v and r["defense"] != "none"}
+            dsub = [r for r in here if r["victim"] == v and r["method"] in attacked]
+            dnames = _counter_measure_order({r["defense"] for r in dsub})
+            if len(dnames) < 2:
+                continue
+            md += [f"### {title}: counter-measures against the release ({v})", ""]
+            md += _table(dsub, "method", "defense", _method_order({r["method"] for r in dsub}), dnames)
+            if any("no clean split released" in n for r in dsub for n in r.get("notes") or []):
+                md += ["", "† no clean split released: clean-splits trained on train + val as released (perturbed)."]
+            md += [""]
+        rounds = rounds_section(here, main_defense)
+        if rounds:
+            md += [f"### {title}: protection AUC after n bi-level rounds", "", *rounds, ""]
     return md
 
 
@@ -209,9 +296,9 @@ def _figures_section(rows: list[dict], out: Path, victims_all: list[str]) -> lis
             figs.append((f"K sweep ({v})", f"k_sweep_{v}.png"))
     salm_methods = _method_order({r["method"] for r in rows if r["method_name"] == "salm"})
     if salm_methods:
-        pick = next((m for k in (0.2, 0.1) for m in salm_methods
-                     if MethodSpec.parse(m).option("k") == k and len(MethodSpec.parse(m).options) == 1),
-                    salm_methods[0])
+        pick = "salm" if "salm" in salm_methods else next(
+            (m for k in (0.2, 0.1) for m in salm_methods
+             if MethodSpec.parse(m).option("k") == k and len(MethodSpec.parse(m).options) == 1), salm_methods[0])
         for v in victims_all:
             if curves_figure(rows, out / f"curves_{v}.png", v, pick):
                 figs.append((f"Learning curves ({v}, clean vs `{pick}`)", f"curves_{v}.png"))
@@ -235,7 +322,7 @@ def _timing_section(rows: list[dict]) -> list[str]:
 
 
 def build_report(root: str | Path, out: str | Path | None = None, *, title: str = "salm-fast experiment report",
-                 main_defense: str = "none") -> Path:
+                 main_defense: str = "none", counter_measures_victim: str = "resnet18") -> Path:
     """Write ``report.md`` (and its figures) for the grid in ``root``; returns the Markdown path."""
     root = Path(root)
     # One dataset, one name: grids may have named the same file by different paths.
@@ -243,12 +330,14 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# {title}", "",
-                     f"Source: `{root / 'results.csv'}` ({len(rows)} cells). Cells: clean **test ACC / AUC** of a "
-                     "victim trained from scratch on the data named by the row, tested on the clean test split "
-                     "(mean over seeds; n = number of seeds when > 1). `clean` = trained on unprotected data.", ""]
+                     f"Source: `{root / 'results.csv'}` ({len(rows)} cells). Cells: **protection AUC** mean ± std "
+                     "(n seeds) · raw test AUC (mean) of a victim trained from scratch on the data named by the row "
+                     "and tested on the owner's clean test split; the protection AUC of a binary task is "
+                     "max(AUC, 1 - AUC), since an attacker with a few clean labeled images flips an inverted ranking. "
+                     "`clean` = trained on unprotected data, at the same epochs.", ""]
     victims_all = sorted({r["victim"] for r in rows})
     for ds in sorted({r["dataset"] for r in rows}):
-        md += _dataset_section(rows, ds, victims_all, main_defense)
+        md += _dataset_section(rows, ds, victims_all, main_defense, counter_measures_victim)
     md += _figures_section(rows, out, victims_all)
     sel = selected_classes_section(rows)
     if sel:
@@ -260,4 +349,4 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
     return path
 
 
-__all__ = ["build_report", "curves_figure", "k_sweep_figure"]
+__all__ = ["COUNTER_MEASURES", "build_report", "curves_figure", "k_sweep_figure", "rounds_section"]
