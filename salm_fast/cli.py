@@ -52,6 +52,16 @@ def parse_k(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"k must be pixels (e.g. 80) or a fraction (0.1, 10%), got {text!r}") from None
 
 
+def parse_grid_epochs(text: str) -> int | dict[str, int]:
+    """'30' -> 30; 'breastmnist=30,pneumoniamnist=15' -> per dataset."""
+    from .experiment import parse_epochs
+
+    try:
+        return parse_epochs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_classes(text: str) -> list[int]:
     try:
         return [int(c) for c in text.split(",") if c.strip()]
@@ -115,7 +125,7 @@ def cmd_experiment(args) -> int:
     from .experiment import Grid
 
     grid = Grid(args.root, args.datasets, args.methods, args.victims, args.defenses, args.seeds,
-                epochs=args.epochs, precision=args.precision, augment=args.augment)
+                epochs=args.epochs, precision=args.precision, augment=args.augment, eps=args.eps, shard=args.shard)
     grid.run(progress=not args.quiet)
     if args.report:
         from .report import build_report
@@ -127,7 +137,7 @@ def cmd_experiment(args) -> int:
 def cmd_report(args) -> int:
     from .report import build_report
 
-    print(f"report: {build_report(args.root, args.out)}")
+    print(f"report: {build_report(args.root, args.out, counter_measures_victim=args.victim)}")
     return 0
 
 
@@ -156,8 +166,10 @@ def _add_protect(sub) -> None:
                     "(0.1, 10%%); SALM default 0.2")
     pr.add_argument("--out", required=True, help="output folder (new, empty, or a previous output with --overwrite), "
                     "published whole: the release, summary.json, protection.png, rounds.jsonl")
-    pr.add_argument("--splits", default="train", help="'train' (default), 'all', or a comma list")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--splits", default="all", help="'all' (default: a split shipped clean is an unprotected copy), "
+                    "'train' (for benchmarking), or a comma list")
+    pr.add_argument("--seed", type=int, default=None, help="default: a secret seed from the OS, kept only in the "
+                    "work folder's checkpoint (--resume reads it back); give one for a reproducible experiment")
     pr.add_argument("--rounds", type=int, default=None, help="cap on bi-level rounds")
     pr.add_argument("--noise", choices=["generator", "pgd"], default=None, help="SALM: generator (default) or PGD")
     pr.add_argument("--mask-refresh", type=int, default=None, help="SALM: refresh the mask every N rounds")
@@ -183,7 +195,8 @@ def _add_evaluate_and_demo(sub, victims: list[str]) -> None:
     ev.add_argument("--clean", required=True, help="the clean dataset (its test split is the judge)")
     ev.add_argument("--release", required=True, help="the released dataset")
     ev.add_argument("--victim", default="resnet18", choices=victims)
-    ev.add_argument("--defense", default=None, help="counter-measures joined by '+', e.g. jpeg-10, cutout+mixup, adv-8")
+    ev.add_argument("--defense", default=None, help="counter-measures joined by '+', e.g. jpeg-10, cutout+mixup, "
+                    "adv-8; the attacker's best-val, clean-splits, purify")
     ev.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
     ev.add_argument("--epochs", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
@@ -208,9 +221,15 @@ def _add_experiment_and_report(sub, victims: list[str]) -> None:
                     help="method specs: clean, salm, salm:k=0.05, salm:k=0.1,noise=pgd, samplewise, random, ...")
     ex.add_argument("--victims", nargs="+", default=["resnet18"], choices=victims)
     ex.add_argument("--defenses", nargs="+", default=["none"],
-                    help="none, jpeg-10, cutout, mixup+crop_flip, adv-8, ...")
-    ex.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ex.add_argument("--epochs", type=int, default=None)
+                    help="none, jpeg-10, cutout, mixup+crop_flip, adv-8, ...; the attacker's best-val, clean-splits, "
+                         "purify")
+    ex.add_argument("--seeds", nargs="+", type=int, default=[0], help="one cell per seed (mean +- std in the report)")
+    ex.add_argument("--epochs", type=parse_grid_epochs, default=None,
+                    help="victim epochs: one number, or per dataset breastmnist=30,pneumoniamnist=15")
+    ex.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget of every protection (default: each "
+                    "method's)")
+    ex.add_argument("--shard", default=None, help="i/N: run only the cells whose index modulo N is i (default: the "
+                    "torch.distributed rank / world size, or RANK / WORLD_SIZE, when set)")
     ex.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
     ex.add_argument("--precision", default="auto", choices=_PRECISIONS)
     ex.add_argument("--report", action="store_true", help="write ROOT/report/report.md when done")
@@ -220,6 +239,7 @@ def _add_experiment_and_report(sub, victims: list[str]) -> None:
     rp = sub.add_parser("report", help="Markdown + PNG report from an experiment grid")
     rp.add_argument("--root", required=True)
     rp.add_argument("--out", default=None, help="report folder (default ROOT/report)")
+    rp.add_argument("--victim", default="resnet18", help="the victim of the counter-measures table")
     rp.set_defaults(func=cmd_report)
 
 

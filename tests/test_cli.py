@@ -105,6 +105,36 @@ def test_protect_failure_publishes_nothing_and_resume_continues(tmp_path, capsys
     assert list(work.iterdir()) == []  # a chosen work folder stays, without the checkpoint
 
 
+def test_protect_defaults_to_every_split_and_a_secret_seed(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["protect", "--data", TINY, "--method", "random", "--out", str(out), "--quiet", "--no-figure"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["splits"] == ["train", "val", "test"] and summary["seed_source"] == "os"
+    rc = main(["protect", "--data", TINY, "--method", "random", "--out", str(out), "--quiet", "--no-figure",
+               "--overwrite", "--seed", "4", "--splits", "train"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["splits"] == ["train"] and summary["seed_source"] == "user"
+
+
+def test_experiment_shards_per_dataset_epochs_and_report(tmp_path, capsys):
+    root = tmp_path / "grid"
+    base = ["experiment", "--root", str(root), "--datasets", TINY, "--methods", "clean", "--victims", "cnn",
+            "--seeds", "0", "1", "--epochs", "synthetic=1", "--precision", "fp32", "--augment", "none", "--quiet"]
+    assert main([*base, "--shard", "1/2"]) == 0, capsys.readouterr().err
+    rows = json.loads((root / "results.json").read_text())
+    assert [(r["seed"], r["epochs"]) for r in rows] == [(1, 1)]
+    assert main([*base, "--shard", "0/2", "--report"]) == 0, capsys.readouterr().err
+    assert sorted(r["seed"] for r in json.loads((root / "results.json").read_text())) == [0, 1]
+    assert "protection AUC" in (root / "report" / "report.md").read_text()
+    capsys.readouterr()
+    assert_one_line_error(capsys, main([*base, "--shard", "2/2"]), "shard", "2/2")
+    grid = base[:base.index("--epochs")]
+    assert_one_line_error(capsys, main([*grid, "--epochs", "synthetic=0"]), "--epochs")
+    assert_one_line_error(capsys, main([*grid, "--epochs", "other=1"]), "no dataset named other")
+
+
 def test_evaluate_prints_both_rows(tmp_path, capsys):
     ds = make_synthetic(n_train=48, n_val=8, n_test=24, seed=2)
     clean = save_medmnist(ds, tmp_path / "synthetic.npz")
