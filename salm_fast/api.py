@@ -54,9 +54,9 @@ from .data import (
     nchw_to_storage,
     output_lock,
     publish_dir,
-    save_image_folder,
     save_medmnist,
     storage_to_nchw,
+    write_folder_release,
 )
 from .data.atomic import check_writable_dir
 from .bilevel import BiLevelConfig
@@ -72,8 +72,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ------------------------------------------------------------------------------ helpers
-def _as_dataset(data: str | Path | Dataset) -> Dataset:
-    return data if isinstance(data, Dataset) else load_dataset(data)
+def _as_dataset(data: str | Path | Dataset, resize: tuple[int, int] | str | None = None) -> Dataset:
+    if isinstance(data, Dataset):
+        if resize is not None:
+            raise ValueError("resize applies when reading an image folder, not to a Dataset object")
+        return data
+    return load_dataset(data, resize=resize)
 
 
 def _resolve_splits(ds: Dataset, splits: str | Sequence[str]) -> list[str]:
@@ -197,6 +201,7 @@ class ProtectPlan:
     keep_checkpoint: bool = False
     figure: bool = True
     progress: bool = False
+    audit: bool = True  # the quick audit (salm_fast.audit) of the staged release, before publishing
     seed_source: str = "user"  # where the seed came from: "user", "os" (secret) or "checkpoint"; never its value
 
     @property
@@ -214,20 +219,20 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
          resume: bool = False,
          overwrite: bool = False, progress: bool = False, backend: str | None = None, figure: bool = True,
          keep_checkpoint: bool = False, workdir: str | Path | None = None, precision: str | None = None,
-         **options: Any) -> ProtectPlan:
+         audit: bool = True, resize: tuple[int, int] | str | None = None, **options: Any) -> ProtectPlan:
     """Check every argument of :func:`protect` (same signature), the data and the folders; write nothing."""
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else work_folder_for(out)
     seed, seed_source = release_seed(seed, workdir / CHECKPOINT if resume else None)
     algo = _build_method(method, eps, k, seed, precision, dict(options))
     ops.check_backend(backend)  # a plain check: unknown (ValueError) or unavailable here (RuntimeError)
-    ds = _as_dataset(data)
+    ds = _as_dataset(data, resize)
     chosen = _resolve_splits(ds, splits)
     algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
     _check_workdir(workdir, out)
     requested = algo.loop.precision if isinstance(algo, BiLevelMethod) else precision or "auto"
     job = ProtectPlan(algo, ds, tuple(chosen), out, workdir, release_path_for(ds, out).name, backend, requested,
-                      bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress),
+                      bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress), bool(audit),
                       seed_source=seed_source)
     check_output(out, job.may_replace)
     return job
@@ -424,6 +429,19 @@ def _finish_workdir(job: ProtectPlan) -> None:
         (job.workdir / name).unlink(missing_ok=True)
 
 
+def _k_pixels(job: ProtectPlan) -> int | None:
+    return ops.resolve_k(job.method.k, job.data.image_shape[0] * job.data.image_shape[1]) if job.method.masked else None
+
+
+def _audit(job: ProtectPlan, staging: Path) -> dict[str, Any]:
+    """The quick audit of the staged release against the input; its audit.json goes beside the summary."""
+    from .audit import AUDIT, audit
+
+    res = audit(staging / job.release_name, job.data, eps=job.method.eps, k=_k_pixels(job), out=staging,
+                progress=job.progress)
+    return {"verdict": res.verdict, "status": res.status, "file": AUDIT}
+
+
 def write(job: ProtectPlan, fitted: Fitted) -> ProtectResult:
     """Build the whole output in a private staging folder beside ``out`` and publish it in one rename;
     on any failure nothing is published (an existing ``out`` is untouched) and the checkpoint stays
@@ -436,12 +454,18 @@ def write(job: ProtectPlan, fitted: Fitted) -> ProtectResult:
     try:
         if job.release_name.endswith(".npz"):
             save_medmnist(released, staging / job.release_name)
-        else:
-            save_image_folder(released, staging / job.release_name)
+        else:  # 16-bit / DICOM files: written back at their own depth, the budget verified on the stored values
+            def deltas() -> dict[str, torch.Tensor]:
+                return dict(zip(job.splits, fitted.protection.delta.split(fitted.counts)))
+
+            summary.update(write_folder_release(job.data, released, staging / job.release_name, deltas,
+                                                job.method.eps, k=_k_pixels(job)))
         if job.figure:
             _draw(job, fitted, released, staging / FIGURE)
         if round_log:
             shutil.copyfile(log, staging / ROUND_LOG)
+        if job.audit:  # on the staged release: a failing audit publishes nothing
+            summary["audit"] = _audit(job, staging)
         atomic_write_json(staging / SUMMARY, summary)
         publish_dir(staging, job.out)
     except BaseException:
@@ -455,8 +479,9 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
             k: int | float | None = None, splits: str | Sequence[str] = "all", seed: int | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
             figure: bool = True, keep_checkpoint: bool = False, workdir: str | Path | None = None,
-            precision: str | None = None, **options: Any) -> ProtectResult:
-    """Protect ``data`` with ``method``; publish the release, a summary, a figure and the round log as ``out``.
+            precision: str | None = None, audit: bool = True, resize: tuple[int, int] | str | None = None,
+            **options: Any) -> ProtectResult:
+    """Protect ``data`` with ``method``; publish the release, summary, figure, round log and audit as ``out``.
 
     ``eps``: the L-inf budget, a fraction ``"8/255"`` or a number below 1 (``release.parse_eps``);
     None: the method's default (8/255; 1.0 for ``ops``, and for ``lsp`` in its L2 mode). ``k``
@@ -469,11 +494,16 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     folder for the checkpoint and round log (default ``<parent>/.<name>.salm-work``).
     ``precision``: the surrogate's, ``auto`` | ``fp32`` | ``bf16`` (bi-level methods; None: the
     loop config's, ``auto`` by default); the summary records the one used and why.
-    Everything is checked before any work starts; nothing is written on bad input.
+    ``audit``: run the quick audit (:func:`salm_fast.audit.audit`) on the staged release before
+    publishing; ``audit.json`` goes beside the summary, the verdict into ``summary["audit"]``.
+    ``resize``: ``(h, w)`` or ``"HxW"``, read an image folder at this size (the release is then of
+    the resized images). 16-bit PNG/TIFF and DICOM folders are released at their own depth
+    (:mod:`salm_fast.data.stored`). Everything is checked before any work starts; nothing is written
+    on bad input.
     """
     job = plan(data, method, out=out, eps=eps, k=k, splits=splits, seed=seed, resume=resume, overwrite=overwrite,
                progress=progress, backend=backend, figure=figure, keep_checkpoint=keep_checkpoint, workdir=workdir,
-               precision=precision, **options)
+               precision=precision, audit=audit, resize=resize, **options)
     for folder in (job.out, job.workdir):  # the locks live beside them
         folder.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(job.out), output_lock(job.workdir):

@@ -3,6 +3,7 @@
     salm-fast demo                                   # synthetic data: protect, evaluate, print the table
     salm-fast protect --data X.npz --method salm --eps 8/255 --k 0.2 --out DIR
     salm-fast evaluate --clean X.npz --release DIR/X.npz --victim resnet18 [--defense jpeg-10]
+    salm-fast audit DIR --clean X.npz                # quick verdict: budget, PSNR/SSIM, a brief victim
     salm-fast backends                               # which kernel backends run here, and why not
 
 The benchmarks are not part of the package: from a source checkout, ``python -m bench kernels``
@@ -62,6 +63,16 @@ def parse_grid_epochs(text: str) -> int | dict[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_resize(text: str) -> tuple[int, int]:
+    """'64x48' -> (64, 48): height x width in pixels."""
+    from .data import parse_resize as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_classes(text: str) -> list[int]:
     try:
         return [int(c) for c in text.split(",") if c.strip()]
@@ -83,10 +94,34 @@ def cmd_protect(args) -> int:
     result = protect(args.data, args.method, out=args.out, eps=args.eps, k=args.k, splits=args.splits,
                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                      backend=args.backend, figure=not args.no_figure, keep_checkpoint=args.keep_checkpoint,
-                     workdir=args.workdir, precision=args.precision, **options)
+                     workdir=args.workdir, precision=args.precision, audit=not args.no_audit, resize=args.resize,
+                     **options)
     print(result.table())
     print(f"summary: {Path(args.out) / 'summary.json'}")
+    if "audit" in result.summary:
+        print(f"audit: {result.summary['audit']['verdict']} ({Path(args.out) / result.summary['audit']['file']})")
     return 0
+
+
+def cmd_audit(args) -> int:
+    from .audit import audit
+
+    budget = {} if args.time_budget is None else {"time_budget_s": args.time_budget}
+    res = audit(args.release, args.clean, eps=args.eps, k=args.k, epochs=args.epochs, seed=args.seed,
+                resize=args.resize, out=args.out, progress=not args.quiet, **budget)
+    b = res.budget["per_split"]
+    for split, m in b.items():
+        print(f"{split:<6} L-inf {m['linf_levels']}/255, L0 {m['l0_fraction']:.3f} "
+              f"(<= {m['l0_max_per_image']} pixels an image), {m['changed_images']}/{m['n_images']} images changed")
+    if res.quality is not None:
+        print(f"train  PSNR {res.quality['psnr_db']:.1f} dB, SSIM {res.quality['ssim']:.4f}")
+    s = res.settings
+    print(f"victim {s['victim']}, {s['epochs']} epoch(s) on {s['n_train']} images, tested on {s['test']} "
+          f"({res.seconds:.0f} s)")
+    print(res.verdict)
+    if args.out:
+        print(f"results: {Path(args.out) / 'audit.json'}")
+    return 1 if res.status in ("NOT protected", "over budget") else 0
 
 
 def cmd_evaluate(args) -> int:
@@ -186,6 +221,10 @@ def _add_protect(sub) -> None:
     pr.add_argument("--keep-checkpoint", action="store_true",
                     help="keep the work folder's checkpoint.pt after success (it holds the noise: never share it)")
     pr.add_argument("--no-figure", action="store_true")
+    pr.add_argument("--no-audit", action="store_true", help="skip the quick audit (a brief victim on the release vs "
+                    "clean data, about a minute on a MedMNIST-size set) and its audit.json")
+    pr.add_argument("--resize", type=parse_resize, default=None, help="image folders: resize every image to HxW "
+                    "(bilinear) on reading; the release holds the resized images")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_protect)
 
@@ -211,6 +250,23 @@ def _add_evaluate_and_demo(sub, victims: list[str]) -> None:
     de.add_argument("--epochs", type=int, default=15)
     de.add_argument("--quiet", action="store_true")
     de.set_defaults(func=cmd_demo)
+
+
+def _add_audit(sub) -> None:
+    au = sub.add_parser("audit", help="quick check of a release: budget, PSNR/SSIM, a brief victim; one verdict line "
+                        "(exit status 1: NOT protected or over budget)")
+    au.add_argument("release", help="a protect output folder (its summary gives eps and K), or a release file/folder")
+    au.add_argument("--clean", required=True, help="the clean dataset the release was made from")
+    au.add_argument("--eps", type=parse_eps, default=None, help="check the L-inf budget (default: the summary's)")
+    au.add_argument("--k", type=parse_k, default=None, help="check L0 <= K pixels (default: the summary's)")
+    au.add_argument("--epochs", type=int, default=None, help="victim epochs (default: as many as fit the time budget)")
+    au.add_argument("--time-budget", type=float, default=None,
+                    help="seconds of victim training, both victims together (default 40)")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--resize", type=parse_resize, default=None, help="read image folders at HxW (as protect did)")
+    au.add_argument("--out", default=None, help="existing folder for audit.json")
+    au.add_argument("--quiet", action="store_true")
+    au.set_defaults(func=cmd_audit)
 
 
 def _add_experiment_and_report(sub, victims: list[str]) -> None:
@@ -252,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_protect(sub)
     _add_evaluate_and_demo(sub, sorted(MODELS))
+    _add_audit(sub)
     _add_experiment_and_report(sub, sorted(MODELS))
     be = sub.add_parser("backends", help="which kernel backends can run here")
     be.set_defaults(func=cmd_backends)

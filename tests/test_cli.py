@@ -95,7 +95,7 @@ def test_protect_failure_publishes_nothing_and_resume_continues(tmp_path, capsys
     assert not out.exists() and (work / "checkpoint.pt").is_file()
     rc = main([*args, "--resume", "--keep-checkpoint"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["protection.png", "rounds.jsonl", "summary.json",
+    assert sorted(p.name for p in out.iterdir()) == ["audit.json", "protection.png", "rounds.jsonl", "summary.json",
                                                      "synthetic.npz"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["protection"]["rounds"] == 2 and summary["precision"]["used"] == "fp32"

@@ -62,7 +62,7 @@ def test_protect_writes_a_complete_set_of_outputs(breast_file, ds, tmp_path):
     out = tmp_path / "out"
     res = protect(breast_file, "salm", out=out, eps=EPS, k=0.1, seed=0, splits="train", loop=tiny_loop(), **SALM_FAST)
     assert res.release_path == out / "breastmnist.npz"
-    assert sorted(snapshot(out)) == ["breastmnist.npz", "protection.png", "rounds.jsonl", "summary.json"]
+    assert sorted(snapshot(out)) == ["audit.json", "breastmnist.npz", "protection.png", "rounds.jsonl", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no work folder, lock or staging left
     assert is_png(out / "protection.png")
 
@@ -189,7 +189,7 @@ def test_a_failure_after_the_release_publishes_nothing_and_resume_finishes(where
     resumed = protect(ds, "samplewise", out=out, resume=True, **opts)
     assert resumed.summary["protection"]["rounds"] == 2
     assert load_medmnist(resumed.release_path)["train"].images.tobytes() == full.release["train"].images.tobytes()
-    assert sorted(snapshot(out)) == ["protection.png", "rounds.jsonl", "summary.json", "synthetic.npz"]
+    assert sorted(snapshot(out)) == ["audit.json", "protection.png", "rounds.jsonl", "summary.json", "synthetic.npz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "out"]
 
 

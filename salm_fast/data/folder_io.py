@@ -380,18 +380,20 @@ def save_folder_release(dataset: FolderDataset, folder: str | os.PathLike[str], 
 
 
 def write_folder_release(data: Dataset, released: Dataset, folder: str | os.PathLike[str],
-                         perturbations: Mapping[str, Any], eps: float, *, k: int | None = None) -> dict[str, Any]:
+                         perturbations: Callable[[], Mapping[str, Any]], eps: float, *,
+                         k: int | None = None) -> dict[str, Any]:
     """The release of an image-folder input: at the files' depth (:func:`save_folder_release`) when
     ``data`` was read from 16-bit or DICOM files, else ``released``'s uint8 images as PNGs
-    (:func:`save_image_folder`). Returns what the summary says about it: the input files
-    (``input_files``: format, stored bit depths, a resize) and the budget on the stored values
-    (``stored_budget``, per perturbed split)."""
+    (:func:`save_image_folder`). ``perturbations()`` gives split -> float perturbation; it is called
+    only for files kept at their depth (the only release that needs the float perturbation whole).
+    Returns what the summary says about it: the input files (``input_files``: format, stored bit
+    depths, a resize) and the budget on the stored values (``stored_budget``, per perturbed split)."""
     if not isinstance(data, FolderDataset):
         save_image_folder(released, folder)
         return {}
     info: dict[str, Any] = {"input_files": data.describe()}
     if data.full_depth:
-        info["stored_budget"] = save_folder_release(data, folder, perturbations, eps, k=k)
+        info["stored_budget"] = save_folder_release(data, folder, perturbations(), eps, k=k)
     else:
         save_image_folder(released, folder)
     return info
