@@ -30,8 +30,9 @@ It is a quick check, not the full evaluation (``salm-fast evaluate``: a ResNet-1
 convergence, counter-measures): a brief victim learns the shortcut an unlearnable example offers
 early, but a release that fools it may still be learned by a longer or larger training.
 Epochs: ``epochs=`` fixes them (reproducible); by default they are chosen from a short timing
-probe so that both trainings fit :data:`TIME_BUDGET_S` (at most :data:`MAX_EPOCHS`; on a set too
-large for one epoch in the budget, the same random subset of the train split for both), and
+probe so that the probe and both trainings fit :data:`TIME_BUDGET_S` (at most :data:`MAX_EPOCHS`;
+on a set too large for one epoch in the budget, the same random subset of the train split for
+both; a machine busy with other work gets fewer images, and a weaker verdict), and
 ``audit.json`` records the epochs and images used. Nothing in it names a directory or comes
 from a file's header (DICOM): dataset names, numbers and settings only.
 """
@@ -54,12 +55,13 @@ __all__ = ["AUDIT", "AuditResult", "CLEAN_MIN_AUC", "MAX_EPOCHS", "MIN_VICTIM_IM
 
 AUDIT = "audit.json"
 VICTIM = "cnn"
-#: Training seconds for both victims together (the timing probe and the evaluation come on top).
+#: Seconds of victim training: the timing probe and both victims together (loading, metrics and the
+#: victims' evaluation come on top: a few seconds on a MedMNIST-size set).
 TIME_BUDGET_S = 40.0
 MAX_EPOCHS = 5
 #: Fewer train images than this: no victim is trained (a brief training on so few learns nothing).
 MIN_VICTIM_IMAGES = 200
-PROBE_BATCHES = 3  # batches an epoch of the timing probe (two epochs: the second, warmed up, is timed)
+PROBE_BATCHES = 2  # batches an epoch of the timing probe (two epochs: the second, warmed up, is timed)
 HOLDOUT_FRACTION = 0.2  # of the clean train split, when the clean data has no test split
 #: Protected: the release-trained victim keeps at most this fraction of the clean-trained one's AUC above chance.
 RETAINED_MAX = 0.25
@@ -186,12 +188,14 @@ def _plan_epochs(data: dict[str, Any], victim: str, epochs: int | None, time_bud
         return epochs, None, "given"
     from .victims import train_victim
 
+    t0 = time.perf_counter()
     probe = np.random.default_rng(seed).permutation(n)[:min(n, PROBE_BATCHES * batch)]
     r = train_victim(victim, data["clean"][probe], data["y"][probe], data["test_x"][:2], data["test_y"][:2],
                      epochs=2, batch_size=batch, seed=seed, precision=precision, eval_every=0, eval_train=False,
                      num_classes=n_classes)
     speed = len(probe) / max(r.history[-1]["epoch_s"], 1e-9)  # the warmed-up epoch: no first-call setup in it
-    per_run = time_budget_s / 2 * speed  # images one victim may see in its half of the budget
+    left = max(time_budget_s - (time.perf_counter() - t0), time_budget_s / 4)  # the probe's time is spent
+    per_run = left / 2 * speed  # images one victim may see in its half of what is left
     chosen = int(max(1, min(MAX_EPOCHS, math.floor(per_run / n))))
     how = f"timing probe: {speed:.0f} images/s, {time_budget_s:g} s for both victims"
     if per_run >= n:

@@ -143,7 +143,8 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     data = "synthetic:n=1500,seed=0"
     print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM, eps 8/255, k 20% ...", flush=True)
-    result = protect(data, "salm", out=out, eps=8 / 255, k=0.2, overwrite=True, progress=not args.quiet)
+    result = protect(data, "salm", out=out, eps=8 / 255, k=0.2, overwrite=True, progress=not args.quiet,
+                     audit=False)  # step 2 is the full evaluation: the quick audit would repeat it
     print(result.table())
     print(f"\n2/2 training a victim ({args.victim}) on the clean data and on the release ...", flush=True)
     res = evaluate(data, result.release_path, victim=args.victim, epochs=args.epochs, out=out,
