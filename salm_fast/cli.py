@@ -97,6 +97,10 @@ def cmd_protect(args) -> int:
                      workdir=args.workdir, precision=args.precision, audit=not args.no_audit, resize=args.resize,
                      **options)
     print(result.table())
+    for split, budget in result.summary.get("stored_budget", {}).items():  # 16-bit / DICOM files: their own grid
+        for bits, m in budget["per_bits"].items():
+            print(f"stored values ({split}, {bits}-bit): L-inf {m['linf_levels']}/{m['maxval']} "
+                  f"(budget {m['budget_levels']}/{m['maxval']})")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     if "audit" in result.summary:
         print(f"audit: {result.summary['audit']['verdict']} ({Path(args.out) / result.summary['audit']['file']})")

@@ -335,7 +335,7 @@ def test_missing_pydicom_names_the_extra(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the README's example
-def test_readme_dicom_example_runs(tmp_path, monkeypatch):
+def test_readme_dicom_example_runs(tmp_path, monkeypatch, capsys):
     """The README's "DICOM and 16-bit images" example, on files generated here."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## DICOM and 16-bit images", 1)[1].split("\n## ", 1)[0]
@@ -347,6 +347,8 @@ def test_readme_dicom_example_runs(tmp_path, monkeypatch):
     assert argv[:3] == ["protect", "--data", "scans/"]
     monkeypatch.chdir(tmp_path)
     assert main(argv + ["--quiet", "--rounds", "1"]) == 0  # one bi-level round: the files matter here, not the noise
+    printed = capsys.readouterr().out
+    assert re.search(r"^stored values \(train, 12-bit\): L-inf \d+/4095 \(budget 128/4095\)$", printed, re.M)
     out = tmp_path / argv[argv.index("--out") + 1]
     assert (out / "images" / "train" / "img000.dcm").is_file()
     assert json.loads((out / "summary.json").read_text())["input_files"]["format"] == "dicom"

@@ -205,5 +205,8 @@ def write_dicom(source: str | os.PathLike[str], dest: str | os.PathLike[str], cl
     ds.ImageType = ["DERIVED", *image_type[1:]] if image_type else ["DERIVED", "SECONDARY"]
     before_text = str(ds.get("DerivationDescription") or "")
     ds.DerivationDescription = (f"{before_text}; {description}" if before_text else description)[:1024]
-    ds.save_as(dest)
+    try:
+        ds.save_as(dest)
+    except Exception as e:  # noqa: BLE001 - pydicom's message may quote an element's value: name its type only
+        raise DataError(f"{shown}: cannot write the derived DICOM file ({type(e).__name__})") from None
     return out.astype(np.int32)
