@@ -604,6 +604,10 @@ class AttackerData:
     notes: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
 
+    def victim_options(self) -> dict[str, Any]:
+        """``train_victim`` keywords of the early stopping (none under ``select="last"``)."""
+        return {} if self.select == "last" else {"val_x": self.val_x, "val_y": self.val_y, "select": self.select}
+
 
 def _labels_of(split) -> torch.Tensor:
     return torch.from_numpy(np.array(split.labels[:, 0])).long()
@@ -762,9 +766,8 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
         if progress:
             print(f"training {victim} on the {name} data ...", flush=True)
         data = attacker_data(clean_ds, ds, steps, seed=seed, purify=purify)
-        extra = {} if data.select == "last" else {"val_x": data.val_x, "val_y": data.val_y, "select": data.select}
         result = train_victim(victim, data.train_x, data.train_y, test.images, test.labels, progress=progress,
-                              **common, **extra)
+                              **common, **data.victim_options())
         runs[name], notes[name] = result.to_dict(), data.notes
     pert = perturbation_metrics(storage_to_nchw(clean_ds["train"].images),
                                 storage_to_nchw(release_ds["train"].images))

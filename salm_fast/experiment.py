@@ -9,8 +9,8 @@ all cells that use them. Everything lands under ``root``:
     root/results.json, root/results.csv        the tidy table: every finished cell under root
 
 ``<digest>`` is the dataset's content (two files of one name are two datasets); ``<key>``
-hashes every setting that changes the result (method spec, eps, seed, victim, counter-measures,
-epochs, augmentation, precision, the known-pattern attacker's settings). A finished cell or
+hashes every setting that changes the result (method spec, eps, seed, device type, victim,
+counter-measures, epochs, augmentation, precision, the known-pattern attacker's settings). A finished cell or
 protection is never recomputed; an interrupted grid continues where it stopped. Every row
 carries the command that reproduces it.
 
@@ -287,7 +287,8 @@ class Grid:
 
     def release_key(self, dataset: str, method: MethodSpec, seed: int) -> dict[str, Any]:
         """Every setting that changes a release."""
-        return {"dataset": self.digest(dataset), "method": str(method), "eps": self.eps, "seed": seed}
+        return {"dataset": self.digest(dataset), "method": str(method), "eps": self.eps, "seed": seed,
+                "device": self.device.type}  # CUDA and CPU kernels round differently
 
     def cell_key(self, cell: Cell) -> dict[str, Any]:
         """Every setting that changes a cell's result."""
@@ -388,12 +389,11 @@ class Grid:
         prec, reason = self.precision_for(cell.dataset, cell.victim)
         steps, victim_defense = split_counter_measures(cell.defense)
         data = attacker_data(clean, release, steps, seed=cell.seed, purify=self.purify)
-        extra = {} if data.select == "last" else {"val_x": data.val_x, "val_y": data.val_y, "select": data.select}
         test = clean["test"]
         result = train_victim(cell.victim, data.train_x, data.train_y, test.images, test.labels,
                               epochs=self.epochs_for(cell.dataset), augment=self.augment, defense=victim_defense,
                               seed=cell.seed, precision=prec, num_classes=clean.n_classes, progress=progress,
-                              device=self.device, **extra)
+                              device=self.device, **data.victim_options())
         pert = perturbation_metrics(storage_to_nchw(clean["train"].images), storage_to_nchw(release["train"].images))
         row = {
             "dataset": cell.dataset, "dataset_digest": self.digest(cell.dataset), "method": str(cell.method),
