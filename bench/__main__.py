@@ -33,12 +33,26 @@ def _compat(argv: Sequence[str]) -> int:
     return compat.main(argv)
 
 
+def _memory(argv: Sequence[str]) -> int:
+    from bench import memory
+
+    return memory.main(argv)
+
+
+def _gpu(argv: Sequence[str]) -> int:
+    from bench import gpu
+
+    return gpu.main(argv)
+
+
 #: name -> (one-line help, entry point taking the remaining argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "kernels": ("fused ops: eager PyTorch vs the torch reference vs the native backend", _kernels),
     "speed": ("protection speed: the classic error-minimizing loop vs ours, same data and surrogate", _speed),
     "real": ("protection on real MedMNIST: every method vs a victim, clean reference included", _real),
     "compat": ("drop-in: the classic unlearnable-examples loop, plain PyTorch vs salm_fast.compat", _compat),
+    "memory": ("peak memory of a protection vs the size of the data set (streamed data)", _memory),
+    "gpu": ("CUDA: Triton vs eager vs copy bandwidth per op, end-to-end protection images/s", _gpu),
 }
 
 

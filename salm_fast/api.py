@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import math
 import platform
 import secrets
 import shutil
@@ -59,9 +60,11 @@ from .data import (
     write_folder_release,
 )
 from .data.atomic import check_writable_dir
+from .data.view import ImageView
 from .bilevel import BiLevelConfig
 from .methods import BiLevelMethod, Method, Protection, check_options, make_method
 from .release import budget_levels, measure_budget, quantize_release
+from .runtime import choose_threads, describe_device, resolve_device
 
 SUMMARY = "summary.json"
 FIGURE = "protection.png"
@@ -202,6 +205,7 @@ class ProtectPlan:
     figure: bool = True
     progress: bool = False
     audit: bool = True  # the quick audit (salm_fast.audit) of the staged release, before publishing
+    device: torch.device = torch.device("cpu")  # where the method runs (resolved from "auto", checked)
     seed_source: str = "user"  # where the seed came from: "user", "os" (secret) or "checkpoint"; never its value
 
     @property
@@ -219,13 +223,16 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
          resume: bool = False,
          overwrite: bool = False, progress: bool = False, backend: str | None = None, figure: bool = True,
          keep_checkpoint: bool = False, workdir: str | Path | None = None, precision: str | None = None,
-         audit: bool = True, resize: tuple[int, int] | str | None = None, **options: Any) -> ProtectPlan:
+         audit: bool = True, resize: tuple[int, int] | str | None = None, device: str | torch.device | None = "auto",
+         **options: Any) -> ProtectPlan:
     """Check every argument of :func:`protect` (same signature), the data and the folders; write nothing."""
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else work_folder_for(out)
     seed, seed_source = release_seed(seed, workdir / CHECKPOINT if resume else None)
     algo = _build_method(method, eps, k, seed, precision, dict(options))
+    dev = resolve_device(device)  # ValueError: e.g. "cuda" where there is none
     ops.check_backend(backend)  # a plain check: unknown (ValueError) or unavailable here (RuntimeError)
+    _check_backend_device(backend, dev)
     ds = _as_dataset(data, resize)
     chosen = _resolve_splits(ds, splits)
     algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
@@ -233,7 +240,7 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
     requested = algo.loop.precision if isinstance(algo, BiLevelMethod) else precision or "auto"
     job = ProtectPlan(algo, ds, tuple(chosen), out, workdir, release_path_for(ds, out).name, backend, requested,
                       bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress), bool(audit),
-                      seed_source=seed_source)
+                      device=dev, seed_source=seed_source)
     check_output(out, job.may_replace)
     return job
 
@@ -259,16 +266,32 @@ def checkpoint_seed(path: str | Path) -> int:
     raise ValueError(f"{path}: the checkpoint records no seed; resume with the run's --seed or start afresh")
 
 
+def _check_backend_device(backend: str | None, device: torch.device) -> None:
+    """A forced backend must run on the chosen device (the default follows the device: triton on CUDA, cpp on CPU)."""
+    if backend == "cpp" and device.type != "cpu":
+        raise ValueError(f"backend cpp runs on CPU tensors, but the device is {device}; use --device cpu or another "
+                         "backend")
+    if backend == "triton" and device.type != "cuda" and not ops.backend_status("triton").reason.startswith(
+            "TRITON_INTERPRET"):
+        raise ValueError(f"backend triton runs on CUDA tensors, but the device is {device}; use --device cuda")
+
+
 # ------------------------------------------------------------------------------ protect: fit
 @dataclass
 class Fitted:
-    """What :func:`fit` computed: the perturbation and the release bytes (uint8, N x C x H x W), not yet written."""
+    """What :func:`fit` computed: the perturbation and the release bytes, not yet written.
+
+    ``release``: per perturbed split, its images as released (uint8, in storage layout like the
+    input's). The float perturbation is not kept whole: ``protection.batches()`` remakes it."""
 
     protection: Protection
-    clean_u8: torch.Tensor
-    release_u8: torch.Tensor
+    release: dict[str, np.ndarray]
     counts: list[int]  # images per perturbed split, in the plan's order
     seconds: float
+
+    @property
+    def n_images(self) -> int:
+        return sum(self.counts)
 
 
 def _prepare_workdir(job: ProtectPlan) -> None:
@@ -282,18 +305,27 @@ def _prepare_workdir(job: ProtectPlan) -> None:
 
 
 def fit(job: ProtectPlan) -> Fitted:
-    """Run the method on the plan's splits; the checkpoint and round log go to the work folder."""
+    """Run the method on the plan's splits on the plan's device; the checkpoint and round log go to the
+    work folder. The images stay uint8 as stored (float batches are made on the device), and the release
+    is quantized batch by batch into storage-layout arrays."""
     ds = job.data
     counts = [len(ds[s]) for s in job.splits]
-    clean_u8 = torch.cat([storage_to_nchw(ds[s].images) for s in job.splits])
+    images = ImageView([ds[s].images for s in job.splits], job.device)
     labels = torch.cat([torch.from_numpy(np.array(ds[s].labels[:, 0])) for s in job.splits]).long()
     _prepare_workdir(job)
     t0 = time.perf_counter()
+    release = {s: np.empty_like(ds[s].images) for s in job.splits}
+    starts = np.cumsum([0, *counts])
     with ops.use_backend(job.backend):
-        protection = job.method.fit(clean_u8.float() / 255, labels, ds.n_classes, workdir=job.workdir,
-                                    resume=job.resume, progress=job.progress)
-        release_u8 = quantize_release(clean_u8, protection.delta, job.method.eps)
-    return Fitted(protection, clean_u8, release_u8, counts, time.perf_counter() - t0)
+        protection = job.method.fit(images, labels, ds.n_classes, workdir=job.workdir, resume=job.resume,
+                                    progress=job.progress, device=job.device)
+        for sl, delta in protection.batches():
+            rows = nchw_to_storage(quantize_release(images.u8(sl), delta.to(images.device), job.method.eps).cpu())
+            for name, a, b in zip(job.splits, starts[:-1], starts[1:]):  # a batch may straddle two splits
+                lo, hi = max(sl.start, a), min(sl.stop, b)
+                if lo < hi:
+                    release[name][lo - a:hi - a] = rows[lo - sl.start:hi - sl.start]
+    return Fitted(protection, release, counts, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------ protect: write
@@ -304,8 +336,16 @@ class ProtectResult:
     release: Dataset
     release_path: Path
     summary: dict[str, Any]
-    delta: torch.Tensor | None = field(default=None, repr=False)  # float perturbation (not saved)
-    mask: torch.Tensor | None = field(default=None, repr=False)
+    protection: Protection | None = field(default=None, repr=False)  # the float perturbation (not saved)
+
+    @property
+    def delta(self) -> torch.Tensor | None:
+        """The float perturbation of the perturbed splits, N x C x H x W (made whole when first read)."""
+        return None if self.protection is None else self.protection.delta
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return None if self.protection is None else self.protection.mask
 
     def table(self) -> str:
         s = self.summary
@@ -328,11 +368,24 @@ class ProtectResult:
 def _release(job: ProtectPlan, fitted: Fitted) -> tuple[Dataset, dict[str, dict]]:
     """The released dataset, and the budget measured on its stored bytes per perturbed split (verified)."""
     released, per_split = job.data, {}
-    for name, part in zip(job.splits, fitted.release_u8.split(fitted.counts)):
-        released = released.replace_split(name, nchw_to_storage(part))
-        per_split[name] = measure_budget(job.data[name].images, released[name].images).as_dict()
-    _verify_budget(job.method, per_split, fitted.clean_u8.shape[2] * fitted.clean_u8.shape[3])
+    for name in job.splits:
+        released = released.replace_split(name, fitted.release[name])
+        clean, release = job.data[name].images, released[name].images
+        parts = [measure_budget(clean[sl], release[sl]).as_dict() for sl in _chunks(clean)]
+        per_split[name] = parts[0] if len(parts) == 1 else _merge_budget(dict(enumerate(parts)))
+    _verify_budget(job.method, per_split, job.data.image_shape[0] * job.data.image_shape[1])
     return released, per_split
+
+
+#: Elements per chunk when the stored bytes are measured (a few double-precision temporaries of this size):
+#: a 28 px split of up to 5,349 images is one chunk, as it was before chunking.
+MEASURE_ELEMENTS = 1 << 22
+
+
+def _chunks(images: np.ndarray) -> list[slice]:
+    """Slices of ``images`` (storage layout) of at most :data:`MEASURE_ELEMENTS` elements (at least one image)."""
+    step = max(1, MEASURE_ELEMENTS // max(1, int(np.prod(images.shape[1:]))))
+    return [slice(a, min(a + step, len(images))) for a in range(0, len(images), step)]
 
 
 def _verify_budget(algo: Method, budget: dict, hw: int) -> None:
@@ -375,7 +428,7 @@ def _precision(job: ProtectPlan, info: dict[str, Any]) -> dict[str, str | None]:
 
 
 def _summary(job: ProtectPlan, fitted: Fitted, per_split: dict[str, dict], round_log: bool) -> dict[str, Any]:
-    algo, ds, n = job.method, job.data, len(fitted.clean_u8)
+    algo, ds, n = job.method, job.data, fitted.n_images
     info = fitted.protection.info
     return {
         "method": algo.name, "paper": algo.paper, "norm": algo.norm,
@@ -388,12 +441,13 @@ def _summary(job: ProtectPlan, fitted: Fitted, per_split: dict[str, dict], round
         "images": n,
         "eps": algo.eps,
         "budget_levels": budget_levels(algo.eps),
-        "budget": {**_merge_budget(per_split), **algo.check_release(fitted.clean_u8, fitted.release_u8)},
+        "budget": {**_merge_budget(per_split), **_method_release_check(job, fitted)},
         "budget_per_split": per_split,
-        "quality": _quality(fitted.clean_u8, fitted.release_u8),
+        "quality": _quality(job, fitted),
         "seconds": fitted.seconds,
         "images_per_second": n / fitted.seconds if fitted.seconds > 0 else 0.0,
         "backend": job.backend or "default",
+        "device": describe_device(job.device),
         "precision": _precision(job, info),
         "protection": _without_seed({k: v for k, v in info.items()
                                      if k not in ("history", "precision", "precision_reason")}),
@@ -403,10 +457,36 @@ def _summary(job: ProtectPlan, fitted: Fitted, per_split: dict[str, dict], round
     }
 
 
-def _quality(clean_u8: torch.Tensor, release_u8: torch.Tensor) -> dict[str, float]:
+def _split_chunks(job: ProtectPlan, fitted: Fitted):
+    """``(clean, release)`` uint8 N x C x H x W tensors, chunk by chunk over the perturbed splits."""
+    for name in job.splits:
+        clean = job.data[name].images
+        for sl in _chunks(clean):
+            yield storage_to_nchw(clean[sl]), storage_to_nchw(fitted.release[name][sl])
+
+
+def _method_release_check(job: ProtectPlan, fitted: Fitted) -> dict[str, Any]:
+    """The method's own checks on the stored bytes (``Method.check_release``: per-image maxima), chunk by chunk."""
+    merged: dict[str, Any] = {}
+    for clean, release in _split_chunks(job, fitted):
+        for key, value in job.method.check_release(clean, release).items():
+            merged[key] = max(merged[key], value) if isinstance(value, (int, float)) and key in merged else value
+    return merged
+
+
+def _quality(job: ProtectPlan, fitted: Fitted) -> dict[str, float]:
+    """PSNR / SSIM / L-inf / L0 of the release over the perturbed splits, measured chunk by chunk."""
     from .victims.metrics import perturbation_metrics
 
-    return perturbation_metrics(clean_u8, release_u8)
+    parts = [(len(c), perturbation_metrics(c, r)) for c, r in _split_chunks(job, fitted)]
+    if len(parts) == 1:
+        return parts[0][1]
+    n = sum(m for m, _ in parts)
+    mse = sum(m * (0.0 if q["psnr_db"] == math.inf else 10 ** (-q["psnr_db"] / 10)) for m, q in parts) / n
+    return {"linf_255": max(q["linf_255"] for _, q in parts), "linf": max(q["linf"] for _, q in parts),
+            "l0": sum(m * q["l0"] for m, q in parts) / n,
+            "psnr_db": math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse),
+            "ssim": sum(m * q["ssim"] for m, q in parts) / n}
 
 
 def _draw(job: ProtectPlan, fitted: Fitted, released: Dataset, path: Path) -> None:
@@ -414,8 +494,16 @@ def _draw(job: ProtectPlan, fitted: Fitted, released: Dataset, path: Path) -> No
 
     ds, first, algo = job.data, job.splits[0], job.method
     title = f"{algo.name}: eps {budget_levels(algo.eps)}/255" + (f", k {algo.k}" if algo.k is not None else "")
-    protection_figure(ds[first].images, released[first].images, fitted.protection.mask[: fitted.counts[0]],
-                      ds[first].labels[:, 0], path, class_names=ds.label_names, title=title)
+    labels = ds[first].labels[:, 0]
+    # The figure shows the first few images of each class: hand it those (a few per class), not the whole split.
+    rows = np.sort(np.concatenate([np.flatnonzero(labels == c)[:FIGURE_PER_CLASS] for c in np.unique(labels)]))
+    mask = fitted.protection.mask[torch.from_numpy(rows).to(fitted.protection.mask.device)].cpu()
+    protection_figure(ds[first].images[rows], released[first].images[rows], mask, labels[rows], path,
+                      class_names=ds.label_names, title=title)
+
+
+#: Images per class handed to the protection figure (it shows the first two of each class).
+FIGURE_PER_CLASS = 8
 
 
 def _finish_workdir(job: ProtectPlan) -> None:
@@ -472,7 +560,7 @@ def write(job: ProtectPlan, fitted: Fitted) -> ProtectResult:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _finish_workdir(job)
-    return ProtectResult(released, job.release_path, summary, fitted.protection.delta, fitted.protection.mask)
+    return ProtectResult(released, job.release_path, summary, fitted.protection)
 
 
 def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, eps: float | str | None = None,
@@ -480,7 +568,7 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
             resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
             figure: bool = True, keep_checkpoint: bool = False, workdir: str | Path | None = None,
             precision: str | None = None, audit: bool = True, resize: tuple[int, int] | str | None = None,
-            **options: Any) -> ProtectResult:
+            device: str | torch.device | None = "auto", **options: Any) -> ProtectResult:
     """Protect ``data`` with ``method``; publish the release, summary, figure, round log and audit as ``out``.
 
     ``eps``: the L-inf budget, a fraction ``"8/255"`` or a number below 1 (``release.parse_eps``);
@@ -493,7 +581,10 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     empty, or (``overwrite=True``) a previous output, replaced whole. ``workdir``: the private
     folder for the checkpoint and round log (default ``<parent>/.<name>.salm-work``).
     ``precision``: the surrogate's, ``auto`` | ``fp32`` | ``bf16`` (bi-level methods; None: the
-    loop config's, ``auto`` by default); the summary records the one used and why.
+    loop config's, ``auto`` by default, chosen for the device); the summary records the one used and why.
+    ``device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:<i>``: data
+    batches, surrogate, generator and noise run there (kernels: Triton on CUDA, C++ on the CPU); a
+    device that is not here is refused before anything is written.
     ``audit``: run the quick audit (:func:`salm_fast.audit.audit`) on the staged release before
     publishing; ``audit.json`` goes beside the summary, the verdict into ``summary["audit"]``.
     ``resize``: ``(h, w)`` or ``"HxW"``, read an image folder at this size (the release is then of
@@ -503,7 +594,7 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     """
     job = plan(data, method, out=out, eps=eps, k=k, splits=splits, seed=seed, resume=resume, overwrite=overwrite,
                progress=progress, backend=backend, figure=figure, keep_checkpoint=keep_checkpoint, workdir=workdir,
-               precision=precision, audit=audit, resize=resize, **options)
+               precision=precision, audit=audit, resize=resize, device=device, **options)
     for folder in (job.out, job.workdir):  # the locks live beside them
         folder.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(job.out), output_lock(job.workdir):
@@ -759,8 +850,11 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
     probe = build_model(victim, clean_ds.channels, clean_ds.n_classes, clean_ds.image_shape[0])
     prec, reason = choose_precision(precision, dev, model=probe, num_classes=clean_ds.n_classes,
                                     sample_shape=(32, clean_ds.channels, *clean_ds.image_shape))
+    threads, threads_reason = choose_threads(train_options.pop("threads", "auto"), dev, model=probe,
+                                             num_classes=clean_ds.n_classes, precision=prec,
+                                             sample_shape=(128, clean_ds.channels, *clean_ds.image_shape))
     common = dict(epochs=epochs, augment=augment, defense=victim_defense, seed=seed, precision=prec,
-                  num_classes=clean_ds.n_classes, device=dev, **train_options)
+                  num_classes=clean_ds.n_classes, device=dev, threads=threads, **train_options)
     runs, notes = {}, {}
     for name, ds in (("clean", clean_ds), ("release", release_ds)):
         if progress:
@@ -773,7 +867,7 @@ def evaluate(clean: str | Path | Dataset, release: str | Path | Dataset, *, vict
                                 storage_to_nchw(release_ds["train"].images))
     res = EvaluationResult(victim, counter_measure_name(defense), runs["clean"], runs["release"], pert, prec,
                            {"seed": seed, "augment": augment, "precision_reason": reason,
-                            "device": describe_device(dev),
+                            "device": describe_device(dev), "threads_reason": threads_reason,
                             **({"purify": (purify or PurifySettings()).as_dict()} if "purify" in steps else {}),
                             "machine": machine_info()},
                            clean_ds.n_classes, {k: v for k, v in notes.items() if v})

@@ -117,6 +117,7 @@ class BiLevelTrainer:
         self.settings = dict(settings or {})
         self.x = as_view(x, device)
         self.device = self.x.device
+        self.n_classes = int(y.max()) + 1  # read before the move: one host read, whatever the device
         self.y = y.to(self.device)
         mask = mask.to(self.device, torch.uint8)
         self.log_path = Path(log_path) if log_path else None
@@ -159,7 +160,7 @@ class BiLevelTrainer:
     def _choose_precision(self) -> tuple[str, str]:
         return choose_precision(self.cfg.precision, self.device, model=self.factory(),
                                 sample_shape=(min(self.cfg.batch_size, 64), *self.x.shape[1:]),
-                                num_classes=int(self.y.max()) + 1)
+                                num_classes=self.n_classes)
 
     def autocast(self):
         return autocast(self.precision, self.device)

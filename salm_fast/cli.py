@@ -95,7 +95,7 @@ def cmd_protect(args) -> int:
                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                      backend=args.backend, figure=not args.no_figure, keep_checkpoint=args.keep_checkpoint,
                      workdir=args.workdir, precision=args.precision, audit=not args.no_audit, resize=args.resize,
-                     **options)
+                     device=args.device, **options)
     print(result.table())
     for split, budget in result.summary.get("stored_budget", {}).items():  # 16-bit / DICOM files: their own grid
         for bits, m in budget["per_bits"].items():
@@ -133,7 +133,7 @@ def cmd_evaluate(args) -> int:
 
     res = evaluate(args.clean, args.release, victim=args.victim, defense=args.defense, augment=args.augment,
                    epochs=args.epochs, seed=args.seed, precision=args.precision, out=args.out,
-                   progress=not args.quiet)
+                   progress=not args.quiet, device=args.device)
     print(res.table())
     if args.out:
         print(f"results: {Path(args.out) / 'evaluation.json'}")
@@ -165,7 +165,8 @@ def cmd_experiment(args) -> int:
     from .experiment import Grid
 
     grid = Grid(args.root, args.datasets, args.methods, args.victims, args.defenses, args.seeds,
-                epochs=args.epochs, precision=args.precision, augment=args.augment, eps=args.eps, shard=args.shard)
+                epochs=args.epochs, precision=args.precision, augment=args.augment, eps=args.eps, shard=args.shard,
+                device=args.device)
     grid.run(progress=not args.quiet)
     if args.report:
         from .report import build_report
@@ -191,6 +192,8 @@ def cmd_backends(args) -> int:
 
 # ------------------------------------------------------------------------------ parser
 _PRECISIONS = ["auto", "fp32", "bf16"]
+_DEVICE_HELP = ("auto (default: CUDA when present, else the CPU), cpu, cuda or cuda:<index>; precision auto is "
+                "chosen for it")
 
 
 def _add_protect(sub) -> None:
@@ -215,9 +218,11 @@ def _add_protect(sub) -> None:
     pr.add_argument("--mask-refresh", type=int, default=None, help="SALM: refresh the mask every N rounds")
     pr.add_argument("--classes", type=parse_classes, default=None, help="SALM: protect only these classes (0,2)")
     pr.add_argument("--poison-ratio", type=float, default=None, help="SALM: fraction of images to perturb")
-    pr.add_argument("--backend", choices=list(BACKENDS), default=None, help="force a kernel backend")
+    pr.add_argument("--backend", choices=list(BACKENDS), default=None, help="force a kernel backend (default: "
+                    "triton on CUDA, cpp on the CPU)")
+    pr.add_argument("--device", default="auto", help="where the protection runs: " + _DEVICE_HELP)
     pr.add_argument("--precision", choices=_PRECISIONS, default=None,
-                    help="the surrogate's precision in the bi-level loop (default auto: from the CPU); "
+                    help="the surrogate's precision in the bi-level loop (default auto: from the device); "
                          "the summary records the one used and why")
     pr.add_argument("--workdir", default=None, help="private folder for the checkpoint and round log while the run "
                     "lasts (default: .OUT.salm-work beside OUT; never inside OUT)")
@@ -245,6 +250,7 @@ def _add_evaluate_and_demo(sub, victims: list[str]) -> None:
     ev.add_argument("--epochs", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--precision", default="auto", choices=_PRECISIONS)
+    ev.add_argument("--device", default="auto", help="where the victims train: " + _DEVICE_HELP)
     ev.add_argument("--out", default=None, help="folder for evaluation.json and learning_curves.png")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -293,6 +299,7 @@ def _add_experiment_and_report(sub, victims: list[str]) -> None:
                     "torch.distributed rank / world size, or RANK / WORLD_SIZE, when set)")
     ex.add_argument("--augment", default="crop_flip", choices=["crop_flip", "none"])
     ex.add_argument("--precision", default="auto", choices=_PRECISIONS)
+    ex.add_argument("--device", default="auto", help="where protections and victims run: " + _DEVICE_HELP)
     ex.add_argument("--report", action="store_true", help="write ROOT/report/report.md when done")
     ex.add_argument("--quiet", action="store_true")
     ex.set_defaults(func=cmd_experiment)

@@ -42,11 +42,25 @@ Policy of ``choose_precision("auto")``:
   costs about 1 s for the small CNN and ~10 s for ResNet-18 on one thread.
 A timing choice can flip on a noisy machine; pass ``"fp32"`` or ``"bf16"`` explicitly for
 bit-for-bit reproducible runs. Every run reports the precision used and why.
+
+On the Sapphire Rapids (AMX) CPU of a later session, 1 thread, training steps of batch 128 at 28 px
+(ms/step, median of 2 x 200 steps; CNN victim: 3 x 10): the protector's surrogate (cnn-half) fp32 171,
+bf16 80; its generator + surrogate step fp32 408, bf16 205; the small CNN victim fp32 626, bf16 282.
+bf16 stays the AMX choice for the small models too.
+
+Threads are chosen at run time as well (:func:`choose_threads`). On that CPU, shared by other jobs
+(load average ~8 on 2 cores), the small CNN victim's step took 1,114 ms with 2 intra-op threads and
+311 ms with 1 (bf16; fp32 1,623 vs 702): each parallel region waits for a core another process holds,
+and a tiny op (one Adam update of a 3 x 3 kernel) took ~2 ms instead of microseconds. A demo
+(protect + 2 victims) took 1,427 s there with 2 threads. ``choose_threads("auto")`` times a few
+training steps of the run's own model with 1 thread and with all of them, interleaved, and keeps
+all only when they are at least ``THREADS_MIN_SPEEDUP`` x faster.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 from typing import Iterator
@@ -57,6 +71,7 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.2          # bf16 must be at least this much faster (images/s ratio)
+THREADS_MIN_SPEEDUP = 1.15      # all threads must be at least this much faster than one (images/s ratio)
 BF16_MAX_LOSS_REL_DIFF = 0.05   # |loss_bf16 - loss_fp32| / loss_fp32 on identical weights and batch
 CALIBRATION_STEPS = 2           # timed steps per precision (after one untimed warm-up step each)
 CALIBRATION_BATCH = 32          # images per calibration step (the ratio, not the rate, is what is used)
@@ -177,6 +192,80 @@ def choose_precision(requested: str = "auto", device: str | torch.device = "cpu"
     return "fp32", f"avx512_bf16 without AMX, bf16 not clearly faster or not accurate enough: {numbers}"
 
 
+# ------------------------------------------------------------------------------ threads
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the caller's count after; None: untouched."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+_threads_cache: dict[tuple, dict[str, float]] = {}
+
+
+def calibrate_threads(model: nn.Module, *, sample_shape: tuple[int, ...], num_classes: int = 2,
+                      precision: str = "fp32", threads: int, steps: int = CALIBRATION_STEPS) -> dict[str, float]:
+    """Time training steps of a copy of ``model`` (random CPU data of ``sample_shape``) with 1 thread
+    and with ``threads``, interleaved, median of ``steps`` each after a warm-up each. Leaves the
+    model, the global RNG and the thread count untouched. Returns ``one_img_s``, ``all_img_s``,
+    ``speedup`` (all / one)."""
+    n, c, h, w = sample_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = copy.deepcopy(model).cpu().to(memory_format=torch.channels_last).train()
+        x = torch.rand(n, c, h, w).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, num_classes, (n,))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        times: dict[int, list[float]] = {1: [], threads: []}
+        for i in range(steps + 1):
+            for t in (1, threads):
+                with intra_op_threads(t):
+                    dt = _train_step(model, opt, x, y, precision)
+                if i > 0:
+                    times[t].append(dt)
+    one, every = n / statistics.median(times[1]), n / statistics.median(times[threads])
+    return {"one_img_s": one, "all_img_s": every, "speedup": every / one}
+
+
+def choose_threads(requested: int | str | None = "auto", device: str | torch.device = "cpu", *,
+                   model: nn.Module | None = None, sample_shape: tuple[int, ...] | None = None,
+                   num_classes: int = 2, precision: str = "fp32") -> tuple[int | None, str]:
+    """Return ``(threads, reason)``: the intra-op thread count for a CPU run (None: leave torch's).
+
+    ``requested``: ``"auto"``/None (measure, see the module doc), or a count >= 1 (honoured). Off
+    the CPU, with one thread available, with ``OMP_NUM_THREADS`` set (the user's choice), or without a
+    model to time, nothing is changed. The count can change the last bits of a result (oneDNN's
+    reductions): for bit-for-bit reproducible runs fix it (``torch.set_num_threads`` or ``OMP_NUM_THREADS``)."""
+    if requested not in (None, "auto"):
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be auto or an integer >= 1, got {requested!r}")
+        return requested, "requested"
+    available = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, f"{available} thread(s), as OMP_NUM_THREADS says"
+    if torch.device(device).type != "cpu" or available <= 1 or model is None or sample_shape is None:
+        return None, f"{available} thread(s), unchanged"
+    n = min(CALIBRATION_BATCH * 2, sample_shape[0])
+    shape = (n, *sample_shape[1:])
+    key = (type(model).__name__, sum(p.numel() for p in model.parameters()), shape, num_classes, precision, available)
+    if key not in _threads_cache:
+        _threads_cache[key] = calibrate_threads(model, sample_shape=shape, num_classes=num_classes,
+                                                precision=precision, threads=available)
+    cal = _threads_cache[key]
+    numbers = (f"{key[0]} batch {n} {precision}: 1 thread {cal['one_img_s']:.0f} img/s, {available} threads "
+               f"{cal['all_img_s']:.0f} img/s")
+    if cal["speedup"] >= THREADS_MIN_SPEEDUP:
+        return available, f"{available} threads measured faster ({numbers})"
+    return 1, f"1 thread: {available} were not clearly faster, e.g. on a shared CPU ({numbers})"
+
+
 # ------------------------------------------------------------------------------ device
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/None: CUDA when present, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a
@@ -271,5 +360,6 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, *, pad: int = 4, pad_mode: 
 
 
 __all__ = ["BF16_MAX_LOSS_REL_DIFF", "BF16_MIN_SPEEDUP", "NORM_MEAN", "NORM_STD", "PRECISIONS", "Normalize",
-           "autocast", "calibrate_bf16", "choose_precision", "cpu_features", "crop_flip", "describe_device",
-           "flush_denormal", "normalize", "resolve_device"]
+           "THREADS_MIN_SPEEDUP", "autocast", "calibrate_bf16", "calibrate_threads", "choose_precision",
+           "choose_threads", "cpu_features", "crop_flip", "describe_device", "flush_denormal", "intra_op_threads",
+           "normalize", "resolve_device"]

@@ -8,13 +8,21 @@
 Both types are immutable (frozen dataclasses over read-only arrays): building the protected
 release makes a new :class:`Dataset` with :meth:`Dataset.replace_split`, so the clean data is
 never modified in place. Models see float tensors ``N x C x H x W`` in [0, 1] via
-:meth:`Split.to_tensors`; a float result goes back to uint8 with :func:`to_uint8_images`
-(round to nearest, the same quantization every release goes through).
+:meth:`Split.to_tensors` (a whole split) or :class:`~salm_fast.data.view.ImageView` (batch by
+batch, on a device); a float result goes back to uint8 with :func:`to_uint8_images` (round to
+nearest, the same quantization every release goes through).
+
+Images may be memory-mapped: :func:`stored_npy_memmap` maps a ``.npy`` member that an ``.npz``
+stores uncompressed (``np.savez``), so a large file is paged in as it is read instead of copied
+into memory; a compressed member (``np.savez_compressed``, MedMNIST's own files) is read whole.
 """
 from __future__ import annotations
 
+import struct
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +33,8 @@ from .errors import DataError
 if TYPE_CHECKING:  # torch is only needed for the tensor helpers
     import torch
 
-__all__ = ["SPLITS", "MAX_CLASSES", "Split", "Dataset", "class_count", "split_from_tensors", "to_uint8_images"]
+__all__ = ["SPLITS", "MAX_CLASSES", "Split", "Dataset", "class_count", "split_from_tensors", "stored_npy_memmap",
+           "to_uint8_images"]
 
 #: Split names, in MedMNIST's order.
 SPLITS = ("train", "val", "test")
@@ -84,6 +93,38 @@ def check_labels(labels: Any, n: int, what: str = "labels") -> np.ndarray:
         if hi >= MAX_CLASSES:
             raise DataError(f"{what}: has label {hi}; class indices must be < {MAX_CLASSES}")
     return labels.reshape(n, 1).astype(np.int64, copy=False)
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a zip local file header: signature ... name length, extra length
+
+
+def stored_npy_memmap(path: str | Path, member: str) -> np.ndarray | None:
+    """A read-only memory map of the ``.npy`` member ``member`` of the zip archive ``path``, or None
+    where it cannot be mapped: compressed or encrypted members, object or Fortran-order arrays, a
+    header that does not fit the member. Nothing is unpickled (the header is parsed by NumPy's
+    ``.npy`` reader, the data is never interpreted as objects)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            return None
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        f.seek(start)
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if dtype.hasobject or fortran or offset + nbytes > start + info.file_size or nbytes == 0:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
 
 
 def _ranges(values: list[int]) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path, check_writable
-from .dataset import SPLITS, Dataset, Split, check_images, check_labels, class_count
+from .dataset import SPLITS, Dataset, Split, check_images, check_labels, class_count, stored_npy_memmap
 from .errors import DataError
 
 __all__ = ["MEDMNIST_2D_CLASSES", "MEDMNIST_2D_FLAGS", "MEDMNIST_MULTI_LABEL", "MEDMNIST_SIZES", "load_medmnist",
@@ -202,7 +202,9 @@ def _read_splits(npz: np.lib.npyio.NpzFile, path: Path, names: list[str]) -> tup
     first: tuple[str, tuple[int, ...]] | None = None
     for s in names:
         try:
-            images = npz[f"{s}_images"]
+            # An uncompressed member is memory-mapped (paged in as read), a compressed one read whole.
+            images = stored_npy_memmap(path, f"{s}_images.npy")
+            images = npz[f"{s}_images"] if images is None else images
             labels = npz[f"{s}_labels"]
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise DataError(f"{path}: split {s!r} cannot be read ({_one_line(e)})") from None

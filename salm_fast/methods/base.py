@@ -43,7 +43,7 @@ from ..bilevel import BiLevelConfig, BiLevelTrainer
 from ..data.view import ImageView, as_view, pass_batch
 from ..noise import Noise, SampleWiseNoise
 from ..release import parse_eps
-from ..runtime import flush_denormal
+from ..runtime import choose_precision, choose_threads, flush_denormal, intra_op_threads
 
 
 def check_int(owner: str, name: str, value: object, minimum: int) -> int:
@@ -209,9 +209,13 @@ class Method(ABC):
         t0 = time.perf_counter()
         cuda = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), flush_denormal():
-            torch.manual_seed(self.seed)
-            result = self._fit(x if self.streams else x.full(), y, n_classes, ctx)
+            threads, threads_reason = self.choose_threads(x, n_classes)  # before the seed: it builds a model
+            with intra_op_threads(threads):
+                torch.manual_seed(self.seed)
+                result = self._fit(x if self.streams else x.full(), y, n_classes, ctx)
         seconds = time.perf_counter() - t0
+        result.info.setdefault("threads", threads if threads is not None else torch.get_num_threads())
+        result.info.setdefault("threads_reason", threads_reason)
         result.info.setdefault("seconds", seconds)
         result.info.setdefault("images_per_second", len(x) / seconds if seconds > 0 else 0.0)
         if result.streamed:
@@ -219,6 +223,11 @@ class Method(ABC):
         else:
             self._check_budget(x, result)
         return result
+
+    def choose_threads(self, x: ImageView, n_classes: int) -> tuple[int | None, str]:
+        """CPU threads for this fit (None: the caller's count); :func:`~salm_fast.runtime.choose_threads`
+        for methods that train a model, unchanged for the others."""
+        return None, "unchanged"
 
     def check_data(self, image_shape: tuple[int, int], n_classes: int) -> None:
         """Raise ValueError if the options do not fit images of ``image_shape`` (H, W) in ``n_classes``
@@ -328,6 +337,15 @@ class BiLevelMethod(Method):
             storage = "float" if 4 * math.prod(x.shape) <= AUTO_FLOAT_NOISE_BYTES else "int8"
         return SampleWiseNoise(tuple(x.shape), self.eps, steps=steps, step_size=step_size, storage=storage,
                                device=x.device)
+
+    def choose_threads(self, x: ImageView, n_classes: int) -> tuple[int | None, str]:
+        """Timed on the surrogate's training steps at the loop's batch and precision (see runtime)."""
+        model = self.surrogate_factory(x, n_classes)()
+        shape = (self.loop.batch_size, *x.shape[1:])
+        precision, _ = choose_precision(self.loop.precision, x.device, model=model, num_classes=n_classes,
+                                        sample_shape=(min(self.loop.batch_size, 64), *x.shape[1:]))
+        return choose_threads("auto", x.device, model=model, sample_shape=shape, num_classes=n_classes,
+                              precision=precision)
 
     def surrogate_factory(self, x: Tensor, n_classes: int):
         channels, size = x.shape[1], x.shape[2]

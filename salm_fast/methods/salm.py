@@ -51,8 +51,8 @@ class SALM(GeneratorEM):
 
     def __init__(self, eps: float | str | None = None, *, k: int | float | None = None, noise: str = "generator",
                  code: bool = True, saliency_p: int = 1, saliency_window: int = 5, mask_epochs: int = 5,
-                 mask_refresh: int = 0, classes: Sequence[int] | None = None, poison_ratio: float = 1.0,
-                 pgd_steps: int = 10, pgd_step_size: float = 2 / 255, **kw):
+                 mask_batch_size: int = 128, mask_refresh: int = 0, classes: Sequence[int] | None = None,
+                 poison_ratio: float = 1.0, pgd_steps: int = 10, pgd_step_size: float = 2 / 255, **kw):
         super().__init__(eps, k=k, **kw)
         self.noise_kind = check_choice("salm", "noise", noise, ("generator", "pgd"))
         self.code = check_choice("salm", "code", code, (True, False))
@@ -61,6 +61,8 @@ class SALM(GeneratorEM):
         if saliency_window % 2 == 0:
             raise ValueError(f"salm: saliency_window must be an odd integer >= 1, got {saliency_window!r}")
         self.mask_epochs = check_int("salm", "mask_epochs", mask_epochs, 1)
+        # Images per step of the mask surrogate's training: its activations grow with it (~30 MB an RGB 224 px image).
+        self.mask_batch_size = check_int("salm", "mask_batch_size", mask_batch_size, 1)
         self.mask_refresh = check_int("salm", "mask_refresh", mask_refresh, 0)
         if isinstance(classes, Integral) and not isinstance(classes, bool):  # one class, e.g. "salm:classes=0"
             classes = [classes]
@@ -74,7 +76,8 @@ class SALM(GeneratorEM):
     def options(self):
         return {**super().options(), "noise": self.noise_kind, "saliency_p": self.saliency_p,
                 "saliency_window": self.saliency_window,
-                "mask_epochs": self.mask_epochs, "mask_refresh": self.mask_refresh, "classes": self.classes,
+                "mask_epochs": self.mask_epochs, "mask_batch_size": self.mask_batch_size,
+                "mask_refresh": self.mask_refresh, "classes": self.classes,
                 "poison_ratio": self.poison_ratio, "pgd_steps": self.pgd_steps, "pgd_step_size": self.pgd_step_size}
 
     def check_data(self, image_shape, n_classes):
@@ -105,8 +108,8 @@ class SALM(GeneratorEM):
     def make_mask(self, x, y, n_classes, ctx: FitContext) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         model = self.surrogate_factory(x, n_classes)().to(x.device)
-        self.mask_surrogate_accuracy = S.train_clean(model, x, y, epochs=self.mask_epochs, batch_size=128,
-                                                     lr=1e-3, gen=gen)
+        self.mask_surrogate_accuracy = S.train_clean(model, x, y, epochs=self.mask_epochs,
+                                                     batch_size=self.mask_batch_size, lr=1e-3, gen=gen)
         mask = S.saliency_mask(model, x, y, self.k, p=self.saliency_p, window=self.saliency_window)
         mask[~self.selected(y, n_classes).to(mask.device)] = 0
         self.mask_model = model  # kept: new images get their masks from it (perturb)

@@ -1,0 +1,194 @@
+"""Memory benchmark: peak resident memory of a protection against the size of the data set.
+
+    python -m bench memory                       # n = 2000 and 8000 synthetic 224 px RGB images
+    python -m bench memory --n 200 --size 64     # a quick run
+    python -m bench memory --pythonpath OLD_CHECKOUT --n 2000   # the same measurement of another version
+
+What one row is: a fresh Python process runs one ``salm_fast.protect`` of SALM (a short run: one
+round, one epoch of mask training, one surrogate and generator step per round: memory depends on the
+data and the batch, not on how many steps run) on a MedMNIST-style ``.npz`` written beforehand by
+another process, and reports its own peak resident set (``VmHWM`` of ``/proc/self/status``, which
+counts anonymous memory and the pages of memory-mapped files alike). Columns:
+
+* ``baseline``: resident after importing torch and salm_fast, before the data is opened;
+* ``data``: the images in the file (uint8, all splits), ``release``: the perturbed split's release
+  bytes (uint8; a protection must hold them before it writes them);
+* ``beyond data``: peak - baseline - data - release: what the protection itself holds (models,
+  batches, masks, noise, temporaries). The target is <= 2 GiB and flat in n.
+
+The file is written uncompressed (``np.savez``), so the current code memory-maps it; a version that
+reads it whole holds the same bytes in anonymous memory instead. The audit that ``protect`` runs by
+default is left out (``audit=False``): it is a separate check with its own victim training.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+MD_BEGIN = "<!-- bench:memory:begin (written by python -m bench memory; edits inside are overwritten) -->"
+MD_END = "<!-- bench:memory:end -->"
+MIB = 1 << 20
+
+#: Writes the synthetic set as an uncompressed MedMNIST-style .npz (a process of its own: the rendering's
+#: float temporaries are not the protection's).
+MAKE_DATA = r"""
+import sys, numpy as np
+from salm_fast.data import make_synthetic
+n, size, channels, path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+n_val, n_test = round(0.1 * n), round(0.2 * n)
+ds = make_synthetic(n_train=n - n_val - n_test, n_val=n_val, n_test=n_test, size=size, channels=channels, seed=0)
+arrays = {f"{s}_images": ds[s].images for s in ds.splits}
+arrays.update({f"{s}_labels": ds[s].labels.astype(np.uint8) for s in ds.splits})
+np.savez(path, **arrays)
+print(sum(ds[s].images.nbytes for s in ds.splits), ds["train"].images.nbytes)
+"""
+
+#: The measured process: one protection, then its own peak resident set.
+PROTECT = r"""
+import inspect, json, sys, time
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+import torch
+import salm_fast
+from salm_fast import protect
+from salm_fast.bilevel import BiLevelConfig
+from salm_fast.methods import SALM
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"])
+baseline = status("VmRSS")
+params = inspect.signature(protect).parameters
+extra = {k: v for k, v in (("audit", False), ("device", "cpu")) if k in params}
+if "mask_batch_size" in SALM.option_names():  # a version without it trains the mask surrogate in batches of 128
+    extra["mask_batch_size"] = cfg["batch_size"]
+loop = BiLevelConfig(max_rounds=cfg["rounds"], min_rounds=1, surrogate_steps=1, batch_size=cfg["batch_size"],
+                     eval_images=cfg["batch_size"], precision="auto", augment=True)
+t0 = time.perf_counter()
+r = protect(cfg["data"], "salm", out=cfg["out"], eps=8 / 255, k=0.2, seed=0, splits="train", loop=loop,
+            mask_epochs=1, generator_steps=1, **extra)
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "seconds": time.perf_counter() - t0,
+                  "precision": r.summary["precision"]["used"], "salm_fast": salm_fast.__file__,
+                  "images": r.summary["images"]}))
+"""
+
+
+def _env(pythonpath: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def measure(n: int, size: int, channels: int, *, rounds: int, batch_size: int, threads: int,
+            pythonpath: str | None, workdir: Path, log=print) -> dict:
+    """One row: write the data (a process of its own), protect it in a fresh process, read its peak."""
+    data = workdir / f"synthetic_{n}_{size}_{channels}.npz"
+    made = subprocess.run([sys.executable, "-c", MAKE_DATA, str(n), str(size), str(channels), str(data)],
+                          capture_output=True, text=True, env=_env(None), check=True)
+    data_bytes, train_bytes = map(int, made.stdout.split())
+    cfg = {"data": str(data), "out": str(workdir / f"out_{n}"), "rounds": rounds, "batch_size": batch_size,
+           "threads": threads}
+    run = subprocess.run([sys.executable, "-c", PROTECT, json.dumps(cfg)], capture_output=True, text=True,
+                         env=_env(pythonpath))
+    data.unlink(missing_ok=True)
+    if run.returncode != 0:
+        tail = run.stderr.strip().splitlines()[-1:] or ["no output"]
+        row = {"n": n, "size": size, "channels": channels, "error": tail[0]}
+        log(f"n={n}: failed: {tail[0]}")
+        return row
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    beyond = res["peak"] - res["baseline"] - data_bytes - train_bytes
+    row = {"n": n, "size": size, "channels": channels, "train_images": res["images"], "data_bytes": data_bytes,
+           "release_bytes": train_bytes, "baseline_bytes": res["baseline"], "peak_bytes": res["peak"],
+           "beyond_data_bytes": beyond, "seconds": res["seconds"], "precision": res["precision"],
+           "code": str(Path(res["salm_fast"]).parent.parent)}
+    log(f"n={n}: peak {res['peak'] / MIB:.0f} MiB (baseline {res['baseline'] / MIB:.0f}, data {data_bytes / MIB:.0f}, "
+        f"release {train_bytes / MIB:.0f}) -> beyond data {beyond / MIB:.0f} MiB, {res['seconds']:.0f} s")
+    return row
+
+
+def markdown(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        "## Memory (protection, streamed data)",
+        "",
+        f"`{result['command']}` on {result['date']}, commit `{result['git_commit']}`; {result['machine']}.",
+        f"SALM (generator noise), one round, mask_epochs 1, batch {c['batch_size']} (loop and mask training), "
+        f"{c['threads']} thread(s), "
+        f"synthetic {c['size']} px, {c['channels']} channel(s), perturbing the train split (70% of n), "
+        "read from an uncompressed .npz; audit off. Peak = VmHWM of the protecting process. "
+        "beyond data = peak - baseline - data - release (MiB).",
+        "",
+        "| code | n | train images | data MiB | release MiB | baseline MiB | peak MiB | beyond data MiB | s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r.get('label', '')} | {r['n']} | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r.get('label', '')} | {r['n']} | {r['train_images']} | {r['data_bytes'] / MIB:.0f} "
+                     f"| {r['release_bytes'] / MIB:.0f} | {r['baseline_bytes'] / MIB:.0f} | {r['peak_bytes'] / MIB:.0f} "
+                     f"| {r['beyond_data_bytes'] / MIB:.0f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from bench.kernels import _cpu_model, _git
+    from bench.speed import write_section
+
+    parser = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[2000, 8000], help="images in the set (all splits)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="the loop's and the mask training's batch (memory grows with it)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pythonpath", default=None, help="measure the salm_fast found here (another checkout)")
+    parser.add_argument("--label", default="this", help="the code column of the table (e.g. before, after)")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results_memory.json",
+                        help="JSON results; rows of other labels already there are kept")
+    parser.add_argument("--md", type=Path, default=BENCH_DIR / "RESULTS.md", help="its memory section is rewritten")
+    parser.add_argument("--no-md", action="store_true")
+    args = parser.parse_args(argv)
+    if any(n < 10 for n in args.n) or args.size < 16 or args.rounds < 1 or args.batch_size < 1 or args.threads < 1:
+        parser.error("--n >= 10, --size >= 16, --rounds, --batch-size and --threads >= 1")
+    command = " ".join(["python -m bench memory", *(argv if argv is not None else sys.argv[1:])])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="salm-bench-memory-") as tmp:
+        for n in args.n:
+            row = measure(n, args.size, args.channels, rounds=args.rounds, batch_size=args.batch_size,
+                          threads=args.threads, pythonpath=args.pythonpath, workdir=Path(tmp),
+                          log=lambda line: print(line, flush=True))
+            rows.append({**row, "label": args.label, "command": command})
+    previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
+    kept = [r for r in previous if r.get("label") != args.label]
+    result = {"benchmark": "memory", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown", "machine": _cpu_model(),
+              "command": command, "config": {k: v for k, v in vars(args).items() if k not in ("out", "md", "no_md")},
+              "rows": kept + rows}
+    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    section = markdown(result)
+    print("\n" + section)
+    print(f"wrote {args.out}")
+    if not args.no_md:
+        write_section(args.md, f"{MD_BEGIN}\n{section}{MD_END}", MD_BEGIN, MD_END)
+        print(f"wrote the memory section of {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
