@@ -46,7 +46,6 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,20 +125,12 @@ class Timer:
 
 
 # ------------------------------------------------------------------ the ops
-@dataclass
-class OpCase:
-    op: str
-    bytes: int
-    eager: Callable[[], object]
-    backend: Callable[[object], Callable[[], object]]  # backend module -> one call
-
-
-def op_cases(n: int, c: int, size: int, k: int, device: torch.device) -> list[OpCase]:
+def op_cases(n: int, c: int, size: int, k: int, device: torch.device) -> list:
     """``bench/kernels.py``'s cases (same data, bytes and eager compositions) plus the projection's
     forward + backward."""
-    from bench.kernels import _cases
+    from bench.kernels import Case, _cases
 
-    cases = [OpCase(cs.op, cs.bytes, cs.eager, cs.backend) for cs in _cases(n, c, size, k, torch.float32, device)]
+    cases = _cases(n, c, size, k, torch.float32, device)
     gen = torch.Generator().manual_seed(1)
     shape = (n, c, size, size)
     x = torch.rand(shape, generator=gen).to(device)
@@ -161,7 +152,7 @@ def op_cases(n: int, c: int, size: int, k: int, device: torch.device) -> list[Op
         return call
 
     # Forward: x, delta, mask in, out written; backward: x, delta, mask, grad_out in, grad_delta written.
-    cases.insert(4, OpCase("masked_linf_project fwd+bwd", 7 * full + 2 * plane, eager_fwd_bwd, backend_fwd_bwd))
+    cases.insert(4, Case("masked_linf_project fwd+bwd", 7 * full + 2 * plane, eager_fwd_bwd, backend_fwd_bwd))
     return cases
 
 

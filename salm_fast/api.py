@@ -320,7 +320,8 @@ def fit(job: ProtectPlan) -> Fitted:
         protection = job.method.fit(images, labels, ds.n_classes, workdir=job.workdir, resume=job.resume,
                                     progress=job.progress, device=job.device)
         for sl, delta in protection.batches():
-            rows = nchw_to_storage(quantize_release(images.u8(sl), delta.to(images.device), job.method.eps).cpu())
+            # On the CPU, where the release arrays are: a batch's copy is small, the double math exact anywhere.
+            rows = nchw_to_storage(quantize_release(images.u8(sl).cpu(), delta.cpu(), job.method.eps))
             for name, a, b in zip(job.splits, starts[:-1], starts[1:]):  # a batch may straddle two splits
                 lo, hi = max(sl.start, a), min(sl.stop, b)
                 if lo < hi:

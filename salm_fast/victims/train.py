@@ -35,20 +35,19 @@ slow CPU training several-fold) and the caller's setting is restored after.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import numbers
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..models import MODELS, build_model
-from ..runtime import Normalize, autocast, choose_precision, flush_denormal, resolve_device
+from ..runtime import Normalize, autocast, choose_precision, flush_denormal, intra_op_threads, resolve_device
 from .defenses import CropFlip, DefensePlan, parse_defenses
 from .metrics import classification_metrics, protection_auc
 
@@ -591,20 +590,6 @@ def _result(run: _Training, data: _VictimData, cfg: VictimConfig, name: str, his
     )
 
 
-@contextlib.contextmanager
-def _intra_op_threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block, the caller's count after; None: untouched."""
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_victim(
     model: str | nn.Module,
     train_x: Tensor | np.ndarray,
@@ -641,7 +626,7 @@ def train_victim(
     cfg = (config if config is not None else VictimConfig()).with_overrides(overrides)
     if not (isinstance(progress, bool) or callable(progress)):
         raise ValueError(f"progress must be True, False or a callable, got {progress!r}")
-    with _intra_op_threads(cfg.threads), flush_denormal():
+    with intra_op_threads(cfg.threads), flush_denormal():
         return _train(model, cfg, (train_x, train_y), (test_x, test_y), (val_x, val_y), progress)
 
 
