@@ -380,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     kernels_from = ensure_kernels_importable()
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     timer = Timer(device, args.repeats, args.warmup)
     info = _device_info(device)

@@ -122,10 +122,12 @@ def measure(n: int, size: int, channels: int, *, rounds: int, batch_size: int, t
 
 def markdown(result: dict) -> str:
     c = result["config"]
+    commands = list(dict.fromkeys(r.get("command", result["command"]) for r in result["rows"]))
     lines = [
         "## Memory (protection, streamed data)",
         "",
-        f"`{result['command']}` on {result['date']}, commit `{result['git_commit']}`; {result['machine']}.",
+        "Commands: " + "; ".join(f"`{cmd}`" for cmd in commands) + f". Last run {result['date']}, commit "
+        f"`{result['git_commit']}`; {result['machine']}.",
         f"SALM (generator noise), one round, mask_epochs 1, batch {c['batch_size']} (loop and mask training), "
         f"{c['threads']} thread(s), "
         f"synthetic {c['size']} px, {c['channels']} channel(s), perturbing the train split (70% of n), "
@@ -160,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pythonpath", default=None, help="measure the salm_fast found here (another checkout)")
     parser.add_argument("--label", default="this", help="the code column of the table (e.g. before, after)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results_memory.json",
-                        help="JSON results; rows of other labels already there are kept")
+                        help="JSON results; rows of other labels or n already there are kept")
     parser.add_argument("--md", type=Path, default=BENCH_DIR / "RESULTS.md", help="its memory section is rewritten")
     parser.add_argument("--no-md", action="store_true")
     args = parser.parse_args(argv)
@@ -175,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           log=lambda line: print(line, flush=True))
             rows.append({**row, "label": args.label, "command": command})
     previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
-    kept = [r for r in previous if r.get("label") != args.label]
+    kept = [r for r in previous if (r.get("label"), r.get("n")) not in {(args.label, n) for n in args.n}]
     result = {"benchmark": "memory", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown", "machine": _cpu_model(),
               "command": command, "config": {k: v for k, v in vars(args).items() if k not in ("out", "md", "no_md")},
