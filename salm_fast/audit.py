@@ -61,7 +61,13 @@ TIME_BUDGET_S = 40.0
 MAX_EPOCHS = 5
 #: Fewer train images than this: no victim is trained (a brief training on so few learns nothing).
 MIN_VICTIM_IMAGES = 200
-PROBE_BATCHES = 2  # batches an epoch of the timing probe (two epochs: the second, warmed up, is timed)
+#: An epoch of the timing probe (two epochs: the second, warmed up, is timed): this many batches, and at
+#: least PROBE_IMAGES images, so that a few steps' noise on a busy machine does not decide the epochs.
+PROBE_BATCHES = 2
+PROBE_IMAGES = 256
+#: Intra-op threads of the victims: one. On this project's shared 2-core machine two contending OpenMP
+#: threads made the brief training up to 20x slower (BreastMNIST cnn, bf16, load 9: 20 vs 413 images/s).
+THREADS = 1
 HOLDOUT_FRACTION = 0.2  # of the clean train split, when the clean data has no test split
 #: Protected: the release-trained victim keeps at most this fraction of the clean-trained one's AUC above chance.
 RETAINED_MAX = 0.25
@@ -189,10 +195,10 @@ def _plan_epochs(data: dict[str, Any], victim: str, epochs: int | None, time_bud
     from .victims import train_victim
 
     t0 = time.perf_counter()
-    probe = np.random.default_rng(seed).permutation(n)[:min(n, PROBE_BATCHES * batch)]
+    probe = np.random.default_rng(seed).permutation(n)[:min(n, max(PROBE_BATCHES * batch, PROBE_IMAGES))]
     r = train_victim(victim, data["clean"][probe], data["y"][probe], data["test_x"][:2], data["test_y"][:2],
                      epochs=2, batch_size=batch, seed=seed, precision=precision, eval_every=0, eval_train=False,
-                     num_classes=n_classes)
+                     num_classes=n_classes, threads=THREADS)
     speed = len(probe) / max(r.history[-1]["epoch_s"], 1e-9)  # the warmed-up epoch: no first-call setup in it
     left = max(time_budget_s - (time.perf_counter() - t0), time_budget_s / 4)  # the probe's time is spent
     per_run = left / 2 * speed  # images one victim may see in its half of what is left
@@ -298,13 +304,14 @@ def audit(release: str | Path | Dataset, clean: str | Path | Dataset, *, eps: fl
             print(f"audit: training {victim} on the {name} data ({chosen} epoch(s)) ...", flush=True)
         r = train_victim(victim, data[name][pick], data["y"][pick], data["test_x"], data["test_y"], epochs=chosen,
                          batch_size=batch, seed=seed, precision=precision, eval_every=0, eval_train=False,
-                         num_classes=n_classes)
+                         num_classes=n_classes, threads=THREADS)
         runs[name] = {"test": r.test, "protection_auc": protection_auc(r.test["auc"], n_classes),
                       "train_s": r.train_time_s, "precision": r.precision}
     clean_auc, release_auc = (runs[n]["protection_auc"] if runs else math.nan for n in ("clean", "release"))
     status, line, retained = _verdict(clean_auc, release_auc, over, no_victim)
     settings = {
-        "victim": victim, "epochs": chosen, "batch_size": batch, "epochs_chosen_by": how, "seed": seed,
+        "victim": victim, "epochs": chosen, "batch_size": batch, "threads": THREADS, "epochs_chosen_by": how,
+        "seed": seed,
         "precision": runs["clean"]["precision"] if runs else None,
         "n_train": n_train if subset is None else len(subset), "n_test": len(data["test_y"]),
         "test": data["test"], "time_budget_s": time_budget_s, "eps": eps, "k": k, "k_pixels": k_pixels,
