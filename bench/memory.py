@@ -86,9 +86,10 @@ print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "seconds": time
 
 
 def _env(pythonpath: str | None) -> dict[str, str]:
+    """The children import salm_fast from ``pythonpath``, else from this checkout (they run in a scratch
+    folder: ``python -c`` puts its working directory first on the path, which must not hold a salm_fast)."""
     env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([pythonpath or str(REPO_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
@@ -97,12 +98,12 @@ def measure(n: int, size: int, channels: int, *, rounds: int, batch_size: int, t
     """One row: write the data (a process of its own), protect it in a fresh process, read its peak."""
     data = workdir / f"synthetic_{n}_{size}_{channels}.npz"
     made = subprocess.run([sys.executable, "-c", MAKE_DATA, str(n), str(size), str(channels), str(data)],
-                          capture_output=True, text=True, env=_env(None), check=True)
+                          capture_output=True, text=True, env=_env(None), cwd=workdir, check=True)
     data_bytes, train_bytes = map(int, made.stdout.split())
     cfg = {"data": str(data), "out": str(workdir / f"out_{n}"), "rounds": rounds, "batch_size": batch_size,
            "threads": threads}
     run = subprocess.run([sys.executable, "-c", PROTECT, json.dumps(cfg)], capture_output=True, text=True,
-                         env=_env(pythonpath))
+                         env=_env(pythonpath), cwd=workdir)
     data.unlink(missing_ok=True)
     if run.returncode != 0:
         tail = run.stderr.strip().splitlines()[-1:] or ["no output"]

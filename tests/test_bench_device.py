@@ -71,3 +71,14 @@ def test_bench_memory_measures_one_row_in_a_fresh_process(tmp_path):
     assert row["peak_bytes"] >= row["baseline_bytes"] > 0 and row["seconds"] > 0
     assert row["beyond_data_bytes"] == row["peak_bytes"] - row["baseline_bytes"] - 30 * 256 - 21 * 256
     assert not list(tmp_path.glob("*.npz"))  # the data file went with the row
+
+
+def test_bench_memory_children_import_the_code_asked_for(tmp_path):
+    """--pythonpath measures another checkout even when the bench runs from this one (python -c puts its working
+    directory first on the path: the children run in a scratch folder)."""
+    other = tmp_path / "other" / "salm_fast"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('the other checkout')\n")
+    row = memory.measure(20, 16, 1, rounds=1, batch_size=8, threads=1, pythonpath=str(other.parent),
+                         workdir=tmp_path, log=lambda line: None)
+    assert "the other checkout" in row["error"]
