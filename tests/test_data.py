@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -642,6 +643,44 @@ def test_synthetic_is_deterministic():
     assert d["test"].images.tobytes() == a["test"].images.tobytes()
     rgb = make_synthetic(20, 5, 5, channels=3, n_classes=10, size=64, seed=7)
     assert rgb["train"].images.shape == (20, 64, 64, 3) and rgb.label_names[3] == "foci"
+
+
+@pytest.mark.parametrize("channels, digest", [
+    (1, "19fcb791402e792d7623925e75ffc12f0f4da1ba1f80f67f008333afc4753c34"),
+    (3, "b4252216b27291c28de86c9d281032a20a712f7a95884024e13b6b0a669a739e")])
+def test_synthetic_bytes_do_not_depend_on_chunking(monkeypatch, channels, digest):
+    # The digests are those of the version that drew the whole pixel noise at once: drawing it chunk
+    # by chunk (bounded memory) gives the same bytes, whatever the chunk.
+    import salm_fast.data.synthetic as synthetic
+
+    def digest_of(ds):
+        h = hashlib.sha256()
+        for s in ds.splits:
+            h.update(ds[s].images.tobytes())
+            h.update(ds[s].labels.tobytes())
+        return h.hexdigest()
+
+    assert digest_of(make_synthetic(30, 5, 5, size=40, channels=channels, n_classes=3, seed=11)) == digest
+    monkeypatch.setattr(synthetic, "_CHUNK_ELEMS", 40 * 40 * synthetic._MAX_FOCI * 7)  # chunks of 7 images
+    assert digest_of(make_synthetic(30, 5, 5, size=40, channels=channels, n_classes=3, seed=11)) == digest
+
+
+def test_synthetic_holds_no_float_copy_of_the_set():
+    # Peak traced memory grows with n by the uint8 images only (the pixel noise is drawn per chunk;
+    # drawn whole it added 4 float32 bytes per value: 5x the uint8 growth).
+    import tracemalloc
+
+    peaks = {}
+    for n in (150, 450):
+        tracemalloc.start()
+        try:
+            ds = make_synthetic(n, 1, 1, size=224, channels=3, seed=0)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert ds["train"].images.dtype == np.uint8
+    uint8_growth = 300 * 224 * 224 * 3
+    assert peaks[450] - peaks[150] < 1.5 * uint8_growth
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -176,8 +176,11 @@ def _upsample_matrix(size: int, coarse: int) -> np.ndarray:
 
 
 def _render_split(rng: np.random.Generator, n: int, size: int, channels: int, n_classes: int) -> Split:
-    # Every random number is drawn here, up front and in a fixed order, so the output does not
-    # depend on how the rendering below is chunked.
+    # Every random number is drawn in one fixed order, so the output does not depend on how the
+    # rendering below is chunked. The per-pixel noise (n x size x size x channels float32: four times
+    # the uint8 images) is the one draw too large to hold: it is drawn chunk by chunk while rendering,
+    # from a copy of the stream taken where it starts, and the main stream skips past it (the same
+    # numbers drawn into one small buffer) to draw the tints that follow it.
     labels = rng.permutation(np.arange(n) % n_classes)
     area = _lerp(rng.random(n), _AREA_FRAC) * size * size
     r0 = np.sqrt(area / np.pi)
@@ -192,8 +195,13 @@ def _render_split(rng: np.random.Generator, n: int, size: int, channels: int, n_
     coarse = max(3, size // 7)
     bg_coarse = rng.standard_normal((n, coarse, coarse), dtype=np.float32)
     lesion_coarse = rng.standard_normal((n, coarse, coarse), dtype=np.float32)
-    noise = rng.standard_normal((n, size, size, channels), dtype=np.float32)
+    noise_rng = np.random.Generator(type(rng.bit_generator)())
+    noise_rng.bit_generator.state = rng.bit_generator.state
+    chunk = max(1, _CHUNK_ELEMS // (size * size * _MAX_FOCI))
+    noise = np.empty((min(n, chunk), size, size, channels), dtype=np.float32)
     if channels == 3:
+        for start in range(0, n, chunk):  # sequential draws: the same numbers as one draw of all n
+            rng.standard_normal(dtype=np.float32, out=noise[:min(n, start + chunk) - start])
         # Tints from one class-independent distribution: each channel 0.45-1 of the brightest.
         tint_bg = rng.uniform(0.45, 1.0, (n, 3))
         tint_lesion = rng.uniform(0.45, 1.0, (n, 3))
@@ -214,10 +222,10 @@ def _render_split(rng: np.random.Generator, n: int, size: int, channels: int, n_
     up = _upsample_matrix(size, coarse)
     grid = np.arange(size, dtype=np.float32) + 0.5
     out = np.empty((n, size, size, channels), dtype=np.uint8)
-    chunk = max(1, _CHUNK_ELEMS // (size * size * _MAX_FOCI))
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
         m = sl.stop - sl.start
+        noise_rng.standard_normal(dtype=np.float32, out=noise[:m])
         mask = np.empty((m, size, size), dtype=np.float32)
         for c in range(n_classes):
             idx = np.nonzero(labels[sl] == c)[0]
@@ -249,7 +257,7 @@ def _render_split(rng: np.random.Generator, n: int, size: int, channels: int, n_
         else:
             img = background[..., None] * tint_bg[sl, None, None, :]
             img += lesion[..., None] * tint_lesion[sl, None, None, :]
-        img += pixel_noise[sl, None, None, None] * noise[sl]
+        img += pixel_noise[sl, None, None, None] * noise[:m]
         img *= 255.0
         img += 0.5  # round half up, by truncation below
         np.clip(img, 0.0, 255.0, out=img)
