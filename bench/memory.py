@@ -1,20 +1,24 @@
 """Memory benchmark: peak resident memory of a protection against the size of the data set.
 
-    python -m bench memory                       # n = 2000 and 8000 synthetic 224 px RGB images
+    python -m bench memory                       # n = 2000 and 8000 synthetic 224 px RGB images, SALM
+    python -m bench memory --methods salm samplewise classwise --noise-storage int8   # the PGD methods too
     python -m bench memory --n 200 --size 64     # a quick run
     python -m bench memory --pythonpath OLD_CHECKOUT --n 2000   # the same measurement of another version
 
-What one row is: a fresh Python process runs one ``salm_fast.protect`` of SALM (a short run: one
-round, one epoch of mask training, one surrogate and generator step per round: memory depends on the
-data and the batch, not on how many steps run) on a MedMNIST-style ``.npz`` written beforehand by
-another process, and reports its own peak resident set (``VmHWM`` of ``/proc/self/status``, which
+What one row is: a fresh Python process runs one ``salm_fast.protect`` of a method (a short run: one
+round, one surrogate step per round; SALM: one epoch of mask training and one generator step; the PGD
+methods (samplewise, classwise): one PGD step per batch over the whole set: memory depends on the data
+and the batch, not on how many steps run) on a MedMNIST-style ``.npz`` written beforehand by another
+process, and reports its own peak resident set (``VmHWM`` of ``/proc/self/status``, which
 counts anonymous memory and the pages of memory-mapped files alike). Columns:
 
 * ``baseline``: resident after importing torch and salm_fast, before the data is opened;
 * ``data``: the images in the file (uint8, all splits), ``release``: the perturbed split's release
   bytes (uint8; a protection must hold them before it writes them);
 * ``beyond data``: peak - baseline - data - release: what the protection itself holds (models,
-  batches, masks, noise, temporaries). The target is <= 2 GiB and flat in n.
+  batches, masks, noise, temporaries). The target is <= 2 GiB and flat in n;
+* ``per 1000 images``: how ``beyond data`` grows with n (between the smallest and largest n of a method):
+  the per-image state a method keeps (SALM's uint8 mask, a sample-wise noise's int8 levels).
 
 The file is written uncompressed (``np.savez``), so the current code memory-maps it; a version that
 reads it whole holds the same bytes in anonymous memory instead. The audit that ``protect`` runs by
@@ -72,16 +76,24 @@ torch.set_num_threads(cfg["threads"])
 baseline = status("VmRSS")
 params = inspect.signature(protect).parameters
 extra = {k: v for k, v in (("audit", False), ("device", "cpu")) if k in params}
-if "mask_batch_size" in SALM.option_names():  # a version without it trains the mask surrogate in batches of 128
-    extra["mask_batch_size"] = cfg["batch_size"]
+method = cfg.get("method", "salm")
+if method == "salm":
+    extra.update(k=0.2, mask_epochs=1, generator_steps=1)
+    if "mask_batch_size" in SALM.option_names():  # a version without it trains the mask surrogate in batches of 128
+        extra["mask_batch_size"] = cfg["batch_size"]
+else:  # samplewise, classwise: one PGD step per batch
+    extra["steps"] = 1
+if cfg.get("noise_storage"):
+    extra["noise_storage"] = cfg["noise_storage"]
 loop = BiLevelConfig(max_rounds=cfg["rounds"], min_rounds=1, surrogate_steps=1, batch_size=cfg["batch_size"],
-                     eval_images=cfg["batch_size"], precision="auto", augment=True)
+                     eval_images=cfg["batch_size"], precision="auto", augment=method == "salm")
 t0 = time.perf_counter()
-r = protect(cfg["data"], "salm", out=cfg["out"], eps=8 / 255, k=0.2, seed=0, splits="train", loop=loop,
-            mask_epochs=1, generator_steps=1, **extra)
+r = protect(cfg["data"], method, out=cfg["out"], eps=8 / 255, seed=0, splits="train", loop=loop, **extra)
+info = r.summary.get("protection") or {}
 print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "seconds": time.perf_counter() - t0,
                   "precision": r.summary["precision"]["used"], "salm_fast": salm_fast.__file__,
-                  "images": r.summary["images"]}))
+                  "images": r.summary["images"],
+                  "noise_storage": info.get("noise_storage")}))
 """
 
 
@@ -94,57 +106,93 @@ def _env(pythonpath: str | None) -> dict[str, str]:
 
 
 def measure(n: int, size: int, channels: int, *, rounds: int, batch_size: int, threads: int,
-            pythonpath: str | None, workdir: Path, log=print) -> dict:
-    """One row: write the data (a process of its own), protect it in a fresh process, read its peak."""
+            pythonpath: str | None, workdir: Path, log=print, method: str = "salm",
+            noise_storage: str | None = None) -> dict:
+    """One row: write the data (a process of its own), protect it with ``method`` in a fresh process, read
+    its peak. ``noise_storage``: the methods' option (None: their default)."""
     data = workdir / f"synthetic_{n}_{size}_{channels}.npz"
     made = subprocess.run([sys.executable, "-c", MAKE_DATA, str(n), str(size), str(channels), str(data)],
                           capture_output=True, text=True, env=_env(None), cwd=workdir, check=True)
     data_bytes, train_bytes = map(int, made.stdout.split())
-    cfg = {"data": str(data), "out": str(workdir / f"out_{n}"), "rounds": rounds, "batch_size": batch_size,
-           "threads": threads}
+    cfg = {"data": str(data), "out": str(workdir / f"out_{method}_{n}"), "rounds": rounds, "batch_size": batch_size,
+           "threads": threads, "method": method, "noise_storage": noise_storage}
     run = subprocess.run([sys.executable, "-c", PROTECT, json.dumps(cfg)], capture_output=True, text=True,
                          env=_env(pythonpath), cwd=workdir)
     data.unlink(missing_ok=True)
     if run.returncode != 0:
         tail = run.stderr.strip().splitlines()[-1:] or ["no output"]
-        row = {"n": n, "size": size, "channels": channels, "error": tail[0]}
-        log(f"n={n}: failed: {tail[0]}")
+        row = {"n": n, "size": size, "channels": channels, "method": method, "error": tail[0]}
+        log(f"{method} n={n}: failed: {tail[0]}")
         return row
     res = json.loads(run.stdout.strip().splitlines()[-1])
     beyond = res["peak"] - res["baseline"] - data_bytes - train_bytes
-    row = {"n": n, "size": size, "channels": channels, "train_images": res["images"], "data_bytes": data_bytes,
+    row = {"n": n, "size": size, "channels": channels, "method": method, "noise_storage": res.get("noise_storage"),
+           "train_images": res["images"], "data_bytes": data_bytes,
            "release_bytes": train_bytes, "baseline_bytes": res["baseline"], "peak_bytes": res["peak"],
            "beyond_data_bytes": beyond, "seconds": res["seconds"], "precision": res["precision"],
            "code": str(Path(res["salm_fast"]).parent.parent)}
-    log(f"n={n}: peak {res['peak'] / MIB:.0f} MiB (baseline {res['baseline'] / MIB:.0f}, data {data_bytes / MIB:.0f}, "
+    log(f"{method} n={n}: peak {res['peak'] / MIB:.0f} MiB (baseline {res['baseline'] / MIB:.0f}, data {data_bytes / MIB:.0f}, "
         f"release {train_bytes / MIB:.0f}) -> beyond data {beyond / MIB:.0f} MiB, {res['seconds']:.0f} s")
     return row
+
+
+#: ``beyond data`` growing by less than this per train image counts as flat in n (measurement noise: a
+#: few MiB over thousands of images).
+FLAT_BYTES_PER_IMAGE = 2048
+
+
+def _key(r: dict) -> tuple:
+    return (r.get("label"), r.get("method", "salm"), r.get("noise_storage"), r.get("size"), r.get("channels"))
+
+
+def growth(rows: list[dict]) -> dict[tuple, float]:
+    """Bytes ``beyond data`` grows by per train image, between the smallest and the largest n of each
+    (label, method, noise storage, size, channels) with at least two measured n."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault(_key(r), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        lo, hi = min(rs, key=lambda r: r["n"]), max(rs, key=lambda r: r["n"])
+        if hi["train_images"] > lo["train_images"]:
+            out[key] = (hi["beyond_data_bytes"] - lo["beyond_data_bytes"]) / (hi["train_images"] - lo["train_images"])
+    return out
 
 
 def markdown(result: dict) -> str:
     c = result["config"]
     commands = list(dict.fromkeys(r.get("command", result["command"]) for r in result["rows"]))
+    slopes = growth(result["rows"])
     lines = [
         "## Memory (protection, streamed data)",
         "",
         "Commands: " + "; ".join(f"`{cmd}`" for cmd in commands) + f". Last run {result['date']}, commit "
         f"`{result['git_commit']}`; {result['machine']}.",
-        f"SALM (generator noise), one round, mask_epochs 1, batch {c['batch_size']} (loop and mask training), "
-        f"{c['threads']} thread(s), "
-        f"synthetic {c['size']} px, {c['channels']} channel(s), perturbing the train split (70% of n), "
-        "read from an uncompressed .npz; audit off. Peak = VmHWM of the protecting process. "
-        "beyond data = peak - baseline - data - release (MiB).",
+        f"One round, one surrogate step per round (SALM: mask_epochs 1, one generator step; samplewise and "
+        f"classwise: one PGD step per batch over the whole set), batch {c['batch_size']} (loop and mask training), "
+        f"{c['threads']} thread(s), synthetic {c['size']} px, {c['channels']} channel(s), perturbing the train "
+        "split (70% of n), read from an uncompressed .npz; audit off. Peak = VmHWM of the protecting process. "
+        "beyond data = peak - baseline - data - release (MiB); growth = how beyond data grows per train image "
+        f"between the smallest and the largest n (KiB; flat: under {FLAT_BYTES_PER_IMAGE // 1024} KiB); load = "
+        "the 1-minute load average when the row started.",
         "",
-        "| code | n | train images | data MiB | release MiB | baseline MiB | peak MiB | beyond data MiB | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| code | method | noise | n | train images | data MiB | release MiB | baseline MiB | peak MiB "
+        "| beyond data MiB | growth KiB/image | load | s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=lambda r: (str(r.get("label")), r.get("method", "salm"), r["n"])):
+        head = f"| {r.get('label', '')} | {r.get('method', 'salm')} | {r.get('noise_storage') or '-'} | {r['n']} "
         if "error" in r:
-            lines.append(f"| {r.get('label', '')} | {r['n']} | failed: {r['error']} | | | | | | |")
+            lines.append(head + f"| failed: {r['error']} | | | | | | | | |")
             continue
-        lines.append(f"| {r.get('label', '')} | {r['n']} | {r['train_images']} | {r['data_bytes'] / MIB:.0f} "
+        slope = slopes.get(_key(r))
+        flat = "" if slope is None else f"{slope / 1024:.1f} ({'flat' if slope < FLAT_BYTES_PER_IMAGE else 'grows'})"
+        load = r.get("load_average")
+        lines.append(head + f"| {r['train_images']} | {r['data_bytes'] / MIB:.0f} "
                      f"| {r['release_bytes'] / MIB:.0f} | {r['baseline_bytes'] / MIB:.0f} | {r['peak_bytes'] / MIB:.0f} "
-                     f"| {r['beyond_data_bytes'] / MIB:.0f} | {r['seconds']:.0f} |")
+                     f"| {r['beyond_data_bytes'] / MIB:.0f} | {flat} | {'' if load is None else f'{load:.1f}'} "
+                     f"| {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n", type=int, nargs="+", default=[2000, 8000], help="images in the set (all splits)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    parser.add_argument("--methods", nargs="+", default=["salm"], choices=["salm", "samplewise", "classwise"],
+                        help="methods to measure, one row per method and n")
+    parser.add_argument("--noise-storage", default=None, choices=["auto", "float", "int8"],
+                        help="the methods' noise_storage option (a sample-wise noise's per-image state; default: "
+                             "the methods' own, auto)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32,
                         help="the loop's and the mask training's batch (memory grows with it)")
@@ -172,13 +225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["python -m bench memory", *(argv if argv is not None else sys.argv[1:])])
     rows = []
     with tempfile.TemporaryDirectory(prefix="salm-bench-memory-") as tmp:
-        for n in args.n:
-            row = measure(n, args.size, args.channels, rounds=args.rounds, batch_size=args.batch_size,
-                          threads=args.threads, pythonpath=args.pythonpath, workdir=Path(tmp),
-                          log=lambda line: print(line, flush=True))
-            rows.append({**row, "label": args.label, "command": command})
+        for method in args.methods:
+            for n in args.n:
+                load = os.getloadavg()[0]
+                row = measure(n, args.size, args.channels, rounds=args.rounds, batch_size=args.batch_size,
+                              threads=args.threads, pythonpath=args.pythonpath, workdir=Path(tmp),
+                              log=lambda line: print(line, flush=True), method=method,
+                              noise_storage=args.noise_storage)
+                rows.append({**row, "label": args.label, "command": command, "load_average": load,
+                             "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown"})
     previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
-    kept = [r for r in previous if (r.get("label"), r.get("n")) not in {(args.label, n) for n in args.n}]
+    new_keys = {(_key(r), r["n"]) for r in rows}
+    kept = [r for r in previous if (_key({"method": "salm", **r}), r.get("n")) not in new_keys]
     result = {"benchmark": "memory", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown", "machine": _cpu_model(),
               "command": command, "config": {k: v for k, v in vars(args).items() if k not in ("out", "md", "no_md")},

@@ -82,3 +82,25 @@ def test_bench_memory_children_import_the_code_asked_for(tmp_path):
     row = memory.measure(20, 16, 1, rounds=1, batch_size=8, threads=1, pythonpath=str(other.parent),
                          workdir=tmp_path, log=lambda line: None)
     assert "the other checkout" in row["error"]
+
+
+def test_bench_memory_measures_other_methods_and_the_noise_storage(tmp_path):
+    row = memory.measure(30, 16, 1, rounds=1, batch_size=8, threads=1, pythonpath=None, workdir=tmp_path,
+                         log=lambda line: None, method="samplewise", noise_storage="int8")
+    assert "error" not in row, row
+    assert row["method"] == "samplewise" and row["noise_storage"] == "int8" and row["train_images"] == 21
+
+
+def test_bench_memory_growth_per_image_and_the_table():
+    def row(n, beyond, method="salm", **kw):
+        return {"label": "this", "method": method, "noise_storage": None, "size": 224, "channels": 3, "n": n,
+                "train_images": round(0.7 * n), "data_bytes": 0, "release_bytes": 0, "baseline_bytes": 0,
+                "peak_bytes": beyond, "beyond_data_bytes": beyond, "seconds": 1.0, "load_average": 1.0, **kw}
+
+    rows = [row(2000, 100 << 20), row(8000, (100 << 20) + 4200 * 50176), row(2000, 90 << 20, "classwise"),
+            row(8000, 90 << 20, "classwise"), row(10, 0, "samplewise", error="boom")]
+    slopes = memory.growth(rows)
+    assert slopes[("this", "salm", None, 224, 3)] == 50176 and slopes[("this", "classwise", None, 224, 3)] == 0
+    table = memory.markdown({"rows": rows, "command": "c", "date": "d", "git_commit": "x", "machine": "m",
+                             "config": {"batch_size": 32, "threads": 1, "size": 224, "channels": 3}})
+    assert "| 49.0 (grows) |" in table and "| 0.0 (flat) |" in table and "failed: boom" in table
