@@ -1,9 +1,12 @@
 """The Python API: ``protect`` a dataset, ``evaluate`` what a victim learns from the release.
 
 >>> import salm_fast
->>> result = salm_fast.protect("synthetic", method="salm", k=0.1, out="out/demo")  # doctest: +SKIP
+>>> result = salm_fast.protect("synthetic", method="salm", out="out/demo")  # doctest: +SKIP
 >>> report = salm_fast.evaluate("synthetic", result.release_path, victim="cnn")   # doctest: +SKIP
 >>> print(report.table())                                                          # doctest: +SKIP
+
+``k=None`` (as here) is the method's default, :attr:`Method.default_k` (SALM:
+:attr:`salm_fast.methods.SALM.default_k` of the pixels); the table and the summary give the K used.
 
 ``protect`` is three steps: :func:`plan` checks everything up front (method and its options,
 eps, k, splits, backend, precision, the data, the output and work folders) and writes nothing;
@@ -99,6 +102,21 @@ def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def describe_k(k: int | float, hw: int) -> str:
+    """K in words for images of ``hw`` pixels: '20% of the pixels (157 of 784)' for a fraction, '80 of 784
+    pixels' for a count (the pixel count as :func:`salm_fast.ops.resolve_k` gives it)."""
+    pixels = ops.resolve_k(k, hw)
+    if isinstance(k, float):
+        return f"{100 * k:g}% of the pixels ({pixels} of {hw})"
+    return f"{pixels} of {hw} pixels"
+
+
+def describe_eps(eps: float) -> str:
+    """'8/255' for a whole number of 8-bit levels, else the fraction ('0.0314')."""
+    levels = budget_levels(eps)
+    return f"{levels}/255" if abs(levels / 255 - eps) < 1e-9 else f"{eps:.4g}"
 
 
 def machine_info() -> dict[str, Any]:
@@ -354,6 +372,8 @@ class ProtectResult:
         rows = [("method", s["method"]), ("perturbed splits", ", ".join(s["splits"])),
                 ("images", str(s["images"])),
                 ("L-inf (stored bytes)", f"{b['linf_levels']}/255 (budget {s['budget_levels']}/255)"),
+                *([("K (L0 budget)", describe_k(s["options"]["k"], math.prod(s["dataset"]["image_shape"][:2])))]
+                  if s["options"].get("k") is not None else []),
                 ("L0 (pixels changed)", f"{b['l0_fraction']:.3f} of pixels, <= {b['l0_max_per_image']} per image"),
                 *([("L2 (stored bytes)", f"{b['l2_max']:.3f} per image (max)" + (
                     f", budget {b['l2_budget']:.3f}" if b.get("l2_budget") is not None else ""))]

@@ -141,13 +141,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .api import evaluate, protect
+    from .api import describe_eps, describe_k, evaluate, protect
+    from .data import load_dataset
+    from .methods import SALM
 
     out = Path(args.out)
     t0 = time.perf_counter()
     data = "synthetic:n=1500,seed=0"
-    print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM, eps 8/255, k 20% ...", flush=True)
-    result = protect(data, "salm", out=out, eps=8 / 255, k=0.2, overwrite=True, progress=not args.quiet,
+    eps, k = SALM.default_eps, SALM.default_k  # SALM's defaults, as protect uses them
+    h, w = load_dataset(data).image_shape
+    print(f"1/2 protecting the built-in synthetic dataset ({data}) with SALM ...")
+    print(f"SALM: K = {describe_k(k, h * w)}, eps = {describe_eps(eps)}", flush=True)
+    result = protect(data, "salm", out=out, eps=eps, k=k, overwrite=True, progress=not args.quiet,
                      audit=False)  # step 2 is the full evaluation: the quick audit would repeat it
     print(result.table())
     print(f"\n2/2 training a victim ({args.victim}) on the clean data and on the release ...", flush=True)
@@ -197,7 +202,7 @@ _DEVICE_HELP = ("auto (default: CUDA when present, else the CPU), cpu, cuda or c
 
 
 def _add_protect(sub) -> None:
-    from .methods import METHODS
+    from .methods import METHODS, SALM
     from .ops import BACKENDS
 
     pr = sub.add_parser("protect", help="perturb a dataset; publish the release, a summary and a figure")
@@ -206,7 +211,7 @@ def _add_protect(sub) -> None:
     pr.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget: a fraction 8/255 or a number below 1 "
                     "(0.03); default: the method's (8/255; 1.0 for ops and for lsp's L2 mode)")
     pr.add_argument("--k", type=parse_k, default=None, help="masked methods: pixels per image (80) or fraction "
-                    "(0.1, 10%%); SALM default 0.2")
+                    f"(0.1, 10%%); SALM default {SALM.default_k:g}")
     pr.add_argument("--out", required=True, help="output folder (new, empty, or a previous output with --overwrite), "
                     "published whole: the release, summary.json, protection.png, rounds.jsonl")
     pr.add_argument("--splits", default="all", help="'all' (default: a split shipped clean is an unprotected copy), "

@@ -72,6 +72,7 @@ def test_protect_runs_prints_the_table_and_writes_the_release(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "L-inf (stored bytes)" in captured.out and "summary:" in captured.out
+    assert "K (L0 budget)" in captured.out and "10% of the pixels (78 of 784)" in captured.out
     assert captured.err == ""  # --quiet: no progress bar
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "salm" and summary["options"]["noise"] == "pgd"
@@ -80,6 +81,39 @@ def test_protect_runs_prints_the_table_and_writes_the_release(tmp_path, capsys):
     assert summary["budget"]["l0_max_per_image"] <= round(0.1 * 28 * 28)
     assert load_medmnist(out / "synthetic.npz")["train"].images.shape == (84, 28, 28)
     assert not (out / "protection.png").exists()
+
+
+def test_demo_prints_and_uses_salm_default_k(tmp_path, capsys, monkeypatch):
+    import salm_fast.api
+    from salm_fast import ops
+    from salm_fast.methods import SALM
+
+    seen = {}
+
+    def stop(data, method, **kw):  # the demo's settings, without its minutes of work
+        seen.update(kw, method=method)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(salm_fast.api, "protect", stop)
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 2 and seen["method"] == "salm" and seen["k"] == SALM.default_k and seen["eps"] == SALM.default_eps
+    k = SALM.default_k
+    expected = f"SALM: K = {100 * k:g}% of the pixels ({ops.resolve_k(k, 784)} of 784), eps = 8/255"
+    assert expected in out.splitlines()
+
+
+def test_k_help_and_words_follow_the_default():
+    from salm_fast.api import describe_eps, describe_k
+    from salm_fast.cli import build_parser
+    from salm_fast.methods import SALM
+
+    protect = next(a for a in build_parser()._subparsers._group_actions[0].choices["protect"]._actions
+                   if "--k" in a.option_strings)
+    assert f"SALM default {SALM.default_k:g}" in protect.help
+    assert describe_k(0.2, 784) == "20% of the pixels (157 of 784)" and describe_k(80, 784) == "80 of 784 pixels"
+    assert describe_k(0.125, 64) == "12.5% of the pixels (8 of 64)"
+    assert describe_eps(8 / 255) == "8/255" and describe_eps(0.03) == "0.03"
 
 
 def test_protect_failure_publishes_nothing_and_resume_continues(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Protection methods, one class per file behind :class:`~.base.Method`.
 
-``make_method("salm", eps=8/255, k=0.1)`` builds one by name; :data:`METHODS` lists them.
+``make_method("salm", eps=8/255, k=0.1)`` builds one by name (``k=None``: the method's ``default_k``,
+SALM's :attr:`SALM.default_k`); :data:`METHODS` lists them.
 """
 from __future__ import annotations
 
