@@ -62,8 +62,8 @@ def _value(text: str) -> Any:
             return cast(text)
         except ValueError:
             pass
-    if text in ("true", "false"):
-        return text == "true"
+    if text.lower() in ("true", "false"):  # true, True
+        return text.lower() == "true"
     if "|" in text:  # a list, e.g. classes=0|2
         return [_value(t) for t in text.split("|")]
     return text
@@ -352,7 +352,8 @@ class Grid:
         while not summary_path.exists():
             try:
                 result = protect(ds, method.name, out=out, eps=eps, seed=seed, splits=splits, overwrite=True,
-                                 resume=True, progress=progress, device=self.device, **options)
+                                 resume=True, progress=progress, device=self.device, audit=False,
+                                 **options)  # the grid's cells are the full evaluation
             except OutputInUseError:  # another shard is computing this release: wait for it
                 if not waiting and progress:
                     print(f"waiting for another shard to finish {out}", flush=True)

@@ -7,25 +7,29 @@ Output before the mask: ``eps * tanh(code[y] + net(planes))``.
   translation-equivariant: on a flat dark background it can only emit a flat,
   brightness-like code, which a victim learns slowly. The parity planes let it write
   fine, position-locked textures.
-* ``code``: an optional learnable class-wise texture (a 4 x 4 tile per class, repeated
-  over the image), initialized from :func:`texture_codes`: sign patterns that stay
-  distinct under the crops and flips a victim applies, so that any sparse set of
-  pixels carries the class. The bi-level loop then refines the tile and the
-  image-dependent residual ``net`` (zero-initialized, so training starts from the code).
+* ``code``: an optional learnable class-wise texture, one full-size plane per class,
+  initialized from :func:`keyed_texture`: a fine sign texture per class (stripes of one
+  orientation, a checkerboard, ...) that any compact block of pixels carries and that
+  crops and flips do not turn into another class's, with the class -> texture assignment
+  and a sign per cell drawn from the release's secret seed. The code starts at
+  ``code_scale`` (default 1.5: ``eps * tanh(1.5)`` = 0.91 eps, where tanh still has a
+  gradient of 0.18), so the bi-level loop can move it; the image-dependent residual
+  ``net`` starts at zero.
 
 Being amortized, a trained generator protects new images in one forward pass.
 """
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 TILE = 4  # texture period in pixels (lcm of the periods 1, 2, 4 used by the codes)
-CODE_SCALE = 3.0  # tanh(3) = 0.995: the initial code sits at the budget's edge
+#: The initial code's pre-tanh value: tanh(1.5) = 0.905 of the budget, gradient 1 - 0.905^2 = 0.18
+#: (at 3.0 the code sat at 0.995 with a gradient of 0.01, and training never moved the stored bytes).
+CODE_SCALE = 1.5
 
 
 def parity_planes(h: int, w: int, device=None, dtype=torch.float32) -> Tensor:
@@ -41,37 +45,59 @@ def _wave(period: int) -> Tensor:
     return {1: torch.ones(TILE), 2: 1.0 - 2.0 * (i % 2), 4: 1.0 - 2.0 * ((i // 2) % 2)}[period].float()
 
 
-def texture_codes(n_classes: int, channels: int) -> Tensor:
-    """``n_classes x channels x 4 x 4`` sign tiles, one texture per class.
+def texture_families() -> list[list[Tensor]]:
+    """The 4 x 4 sign tiles a class may get, finest family first: period 2 (horizontal stripes,
+    vertical stripes, checkerboard), then the products with a period-4 wave. Shifting such a
+    texture (a crop) or mirroring it (a flip) gives a shifted copy of the same texture."""
+    families: dict[int, list[Tensor]] = {}
+    for pr, pc in itertools.product((1, 2, 4), repeat=2):
+        if (pr, pc) != (1, 1):
+            families.setdefault(max(pr, pc), []).append(_wave(pr)[:, None] * _wave(pc)[None, :])
+    return [families[2], families[4]]
 
-    Products of a row wave and a column wave of period 1, 2 or 4 (the all-flat one
-    excluded), finest first: horizontal stripes, vertical stripes, checkerboard, then
-    coarser ones. Shifting such a texture (a crop) or mirroring it (a flip) gives a
-    shifted copy of the same texture, never another class's. Beyond the 8 products,
-    flat +1 / -1, then fixed pseudo-random tiles.
+
+def keyed_texture(n_classes: int, channels: int, height: int, width: int, *, seed: int, cell: int = 4) -> Tensor:
+    """``n_classes x channels x height x width`` of +-1: each class's texture tiled over the image,
+    its sign flipped per ``cell x cell`` block.
+
+    Drawn from ``seed`` (the release's secret): which texture each class gets (the period-2
+    family shuffled, then the period-4 one, then random sign tiles for many classes) and the
+    sign of every cell. Victims learn the period-2 textures within an epoch; a flipped cell is
+    the same texture shifted by one pixel, which the victim's crops produce anyway.
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
-    tiles = []
-    for pr, pc in sorted(itertools.product((1, 2, 4), repeat=2), key=lambda p: (max(p), p[0] * p[1], -p[0])):
-        if (pr, pc) != (1, 1):
-            tiles.append(_wave(pr)[:, None] * _wave(pc)[None, :])
-    tiles += [torch.ones(TILE, TILE), -torch.ones(TILE, TILE)]
-    gen = torch.Generator().manual_seed(1234)
+    gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
+    tiles: list[Tensor] = []
+    for family in texture_families():
+        tiles += [family[i] for i in torch.randperm(len(family), generator=gen).tolist()]
     while len(tiles) < n_classes:
         tiles.append(torch.where(torch.rand(TILE, TILE, generator=gen) < 0.5, -1.0, 1.0))
-    return torch.stack(tiles[:n_classes]).unsqueeze(1).expand(n_classes, channels, TILE, TILE).clone()
+    reps = (-(-height // TILE), -(-width // TILE))
+    code = torch.stack([t.repeat(*reps)[:height, :width] for t in tiles[:n_classes]])  # G x H x W
+    cells = (-(-height // cell), -(-width // cell))
+    signs = torch.where(torch.rand(n_classes, *cells, generator=gen) < 0.5, -1.0, 1.0)
+    signs = signs.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, :height, :width]
+    return (code * signs).unsqueeze(1).expand(n_classes, channels, height, width).contiguous()
 
 
 class NoiseGenerator(nn.Module):
+    """``code``: None (no code; the plain generator) or an ``n_classes x channels x H x W`` texture
+    (e.g. :func:`keyed_texture`), learned from ``code_scale * code``; images must then be H x W."""
+
     def __init__(self, channels: int, n_classes: int, eps: float, *, width: int = 32,
-                 class_conditional: bool = True, parity: bool = True, code: bool = True):
+                 class_conditional: bool = True, parity: bool = True, code: Tensor | None = None,
+                 code_scale: float = CODE_SCALE):
         super().__init__()
         self.channels, self.n_classes, self.eps = channels, n_classes, float(eps)
-        self.class_conditional, self.parity = class_conditional, parity
-        if code and not class_conditional:
-            raise ValueError("a class-wise texture code needs a class-conditional generator")
-        self.code = nn.Parameter(texture_codes(n_classes, channels) * CODE_SCALE) if code else None
+        self.class_conditional, self.parity, self.width = class_conditional, parity, width
+        if code is not None:
+            if not class_conditional:
+                raise ValueError("a class-wise texture code needs a class-conditional generator")
+            if code.dim() != 4 or tuple(code.shape[:2]) != (n_classes, channels):
+                raise ValueError(f"code must be n_classes x channels x H x W = ({n_classes}, {channels}, H, W), "
+                                 f"got {tuple(code.shape)}")
+        self.code = nn.Parameter(code.float() * code_scale) if code is not None else None
         c_in = channels + (n_classes if class_conditional else 0) + (3 if parity else 0)
         self.net = nn.Sequential(
             nn.Conv2d(c_in, width, 3, padding=1), nn.ReLU(inplace=True),
@@ -79,7 +105,7 @@ class NoiseGenerator(nn.Module):
             nn.Conv2d(width, width, 1), nn.ReLU(inplace=True),
             nn.Conv2d(width, channels, 1),
         )
-        if code:  # start exactly at the code; the residual grows only where it helps
+        if code is not None:  # start exactly at the code; the residual grows only where it helps
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
 
@@ -93,6 +119,8 @@ class NoiseGenerator(nn.Module):
             planes.append(parity_planes(h, w, x.device, x.dtype).unsqueeze(0).expand(n, 3, h, w))
         raw = self.net(torch.cat(planes, dim=1)).to(x.dtype)  # fp32 out of a bf16 autocast region
         if self.code is not None:
-            reps = (math.ceil(h / TILE), math.ceil(w / TILE))
-            raw = raw + self.code.repeat(1, 1, *reps)[:, :, :h, :w][y]
+            if tuple(self.code.shape[2:]) != (h, w):
+                raise ValueError(f"the generator's code is {tuple(self.code.shape[2:])} pixels; images are "
+                                 f"{(h, w)}")
+            raw = raw + self.code[y]
         return self.eps * torch.tanh(raw)

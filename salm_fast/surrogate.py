@@ -94,3 +94,49 @@ def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1,
             mask[sl] = ops.topk_mask(s[:, 0], k, backend=backend)
     return mask
 
+
+def saliency_sums(model: nn.Module, x, y: Tensor, groups: Tensor, n_groups: int, *, p: int = 1,
+                  batch_size: int = 512, backend: str | None = None) -> Tensor:
+    """``n_groups x H x W`` float64: per group, the sum over its images of each image's saliency map
+    (input-gradient magnitude) normalized to sum 1, so every image has one vote whatever its contrast.
+
+    ``groups``: N ints in [0, n_groups) (the labels for class masks, zeros for one global mask).
+    Summed over the ranks of a ``torchrun`` job (:func:`salm_fast.distributed.all_reduce_sum`), so
+    every rank ranks the same totals.
+    """
+    from .distributed import all_reduce_sum
+
+    n, h, w = len(x), x.shape[2], x.shape[3]
+    total = torch.zeros((n_groups, h * w), dtype=torch.float64, device=y.device)
+    batch_size = pass_batch(x.shape, batch_size)
+    model.eval()
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        xb = x[sl].clone().requires_grad_(True)
+        loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
+        (g,) = torch.autograd.grad(loss, xb)
+        s = ops.grad_magnitude(g, p, backend=backend).flatten(1).double()
+        s = s / s.sum(1, keepdim=True).clamp_min(1e-30)
+        total.index_add_(0, groups[sl].to(total.device), s)
+    return all_reduce_sum(total).view(n_groups, h, w)
+
+
+def block_mask(scores: Tensor, k: int, cell: int) -> Tensor:
+    """``G x 1 x H x W`` uint8: per row of ``scores`` (G x H x W), the ``k // cell**2`` whole
+    ``cell x cell`` blocks of the grid anchored at (0, 0) with the largest summed score (ties: the
+    first in row-major order). Blocks that would cross the bottom or right edge are not candidates.
+    ``k // cell**2`` must be >= 1 and at most the number of blocks."""
+    g, h, w = scores.shape
+    rows, cols = h // cell, w // cell
+    n_blocks = k // (cell * cell)
+    if not 1 <= n_blocks <= rows * cols:
+        raise ValueError(f"k = {k} pixels makes {n_blocks} blocks of {cell} x {cell}; "
+                         f"1 to {rows * cols} fit in {h} x {w}")
+    cells = scores[:, :rows * cell, :cols * cell].reshape(g, rows, cell, cols, cell).sum((2, 4)).flatten(1)
+    order = torch.sort(cells.cpu(), dim=1, descending=True, stable=True).indices[:, :n_blocks]
+    chosen = torch.zeros((g, rows * cols), dtype=torch.uint8)
+    chosen.scatter_(1, order, 1)
+    mask = torch.zeros((g, 1, h, w), dtype=torch.uint8)
+    mask[:, 0, :rows * cell, :cols * cell] = (chosen.view(g, rows, 1, cols, 1)
+                                              .expand(g, rows, cell, cols, cell).reshape(g, rows * cell, cols * cell))
+    return mask.to(scores.device)

@@ -113,8 +113,10 @@ def test_every_method_holds_its_budget_in_float_and_in_the_stored_release(case, 
     per_image = assert_stored_release(ds, res.release_path, k)
     if case == "random":  # unmasked uniform noise: every image changes
         assert (per_image > 0).all()
-    if k is not None:  # masked methods: exactly k ones per image (every image selected by default)
-        assert torch.equal(res.mask.flatten(1).sum(1), torch.full((len(x),), float(k)))
+    if k is not None:  # masked methods: exactly k ones per image (every image selected by default); SALM's
+        # default class masks: the whole 4 x 4 blocks that fit in k
+        ones = (k // 16) * 16 if case in ("salm", "salm-pgd") else k
+        assert torch.equal(res.mask.flatten(1).sum(1), torch.full((len(x),), float(ones)))
         assert bool((res.delta * (1 - res.mask) == 0).all())  # nothing off the mask
     assert res.summary["budget"]["linf_levels"] == int(np.abs(
         load_medmnist(res.release_path)["train"].images.astype(np.int16)
@@ -167,7 +169,7 @@ def test_salm_poison_ratio_selects_round_ratio_n_images(gray):
 def test_salm_mask_refresh_moves_the_mask_and_keeps_l0(noise, gray):
     x, y = _xy(gray)
     k = ops.resolve_k(0.1, 28 * 28)
-    opts = dict(k=0.1, seed=0, noise=noise, pgd_steps=2, generator_steps=2, width=8, mask_epochs=1)
+    opts = dict(k=0.1, seed=0, noise=noise, pgd_steps=2, generator_steps=2, width=8, mask_epochs=1, mask="image")
     fixed = SALM(EPS, loop=tiny_loop(2), **opts).fit(x, y, 2)
     refreshed = SALM(EPS, loop=tiny_loop(2), mask_refresh=1, **opts).fit(x, y, 2)
     assert not torch.equal(fixed.mask, refreshed.mask)  # the refresh really re-ranked the pixels
@@ -188,7 +190,7 @@ def test_salm_mask_is_the_top_k_of_the_surrogate_saliency(gray, monkeypatch, win
     monkeypatch.setattr(S, "saliency_mask", spy)
     x, y = _xy(gray)
     m = SALM(EPS, k=25, classes=[0], seed=0, noise="pgd", pgd_steps=1, mask_epochs=1, loop=tiny_loop(),
-             saliency_window=window)
+             saliency_window=window, mask="image")
     p = m.fit(x, y, 2)
     xg = x.clone().requires_grad_(True)  # summed loss: each image's gradient is its own
     (g,) = torch.autograd.grad(F.cross_entropy(S.logits(seen["model"].eval(), xg), y, reduction="sum"), xg)
@@ -313,9 +315,9 @@ def test_fit_refuses_bad_data(gray):
     with pytest.raises(ValueError, match="k must be between 1 and H\\*W"):
         make_method("random", k=28 * 28 + 1).fit(x, y)
     with pytest.raises(ValueError, match="classes"):
-        SALM(k=10, classes=[2], mask_epochs=1, loop=tiny_loop()).fit(x, y, 2)
+        SALM(k=16, classes=[2], mask_epochs=1, loop=tiny_loop()).fit(x, y, 2)
     with pytest.raises(ValueError, match="no image is selected"):  # round(0.005 * 64) = 0 images
-        SALM(k=10, poison_ratio=0.005, mask_epochs=1, loop=tiny_loop()).fit(x, y, 2)
+        SALM(k=16, poison_ratio=0.005, mask_epochs=1, loop=tiny_loop()).fit(x, y, 2)
 
 
 def test_fit_leaves_the_callers_random_state_alone(gray):

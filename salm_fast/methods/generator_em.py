@@ -41,9 +41,14 @@ class GeneratorEM(BiLevelMethod):
         return {**super().options(), "generator_steps": self.generator_steps, "generator_lr": self.generator_lr,
                 "width": self.width, "code": self.code}
 
+    def code_options(self, x, n_classes: int) -> dict:
+        """The generator's class-wise code (``code=``, ``code_scale=``): none for the plain generator."""
+        return {}
+
     def make_noise(self, x, y, n_classes, mask):
         # Initialized on the CPU (the seeded global stream), then moved: the same weights on every device.
-        self.net = NoiseGenerator(x.shape[1], n_classes, self.eps, width=self.width, code=self.code).to(x.device)
+        self.net = NoiseGenerator(x.shape[1], n_classes, self.eps, width=self.width,
+                                  **self.code_options(x, n_classes)).to(x.device)
         return GeneratorNoise(self.net, self.eps, steps=self.generator_steps, lr=self.generator_lr)
 
     @torch.no_grad()
