@@ -11,5 +11,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 from .api import EvaluationResult, ProtectResult, evaluate, protect  # noqa: E402
+from .protector import ApplyResult, apply, load_protector  # noqa: E402
 
-__all__ = ["EvaluationResult", "ProtectResult", "__version__", "evaluate", "ops", "protect"]
+__all__ = ["ApplyResult", "EvaluationResult", "ProtectResult", "__version__", "apply", "evaluate", "load_protector",
+           "ops", "protect"]

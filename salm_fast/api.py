@@ -225,6 +225,7 @@ class ProtectPlan:
     audit: bool = True  # the quick audit (salm_fast.audit) of the staged release, before publishing
     device: torch.device = torch.device("cpu")  # where the method runs (resolved from "auto", checked)
     seed_source: str = "user"  # where the seed came from: "user", "os" (secret) or "checkpoint"; never its value
+    save_protector: Path | None = None  # where the protector of new images goes (salm_fast.protector); private
 
     @property
     def release_path(self) -> Path:
@@ -242,12 +243,16 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
          overwrite: bool = False, progress: bool = False, backend: str | None = None, figure: bool = True,
          keep_checkpoint: bool = False, workdir: str | Path | None = None, precision: str | None = None,
          audit: bool = True, resize: tuple[int, int] | str | None = None, device: str | torch.device | None = "auto",
-         **options: Any) -> ProtectPlan:
+         save_protector: str | Path | None = None, **options: Any) -> ProtectPlan:
     """Check every argument of :func:`protect` (same signature), the data and the folders; write nothing."""
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else work_folder_for(out)
     seed, seed_source = release_seed(seed, workdir / CHECKPOINT if resume else None)
     algo = _build_method(method, eps, k, seed, precision, dict(options))
+    if save_protector is not None:
+        from .protector import check_can_save
+
+        check_can_save(algo)  # e.g. sample-wise noise: nothing to protect new images with
     dev = resolve_device(device)  # ValueError: e.g. "cuda" where there is none
     ops.check_backend(backend)  # a plain check: unknown (ValueError) or unavailable here (RuntimeError)
     _check_backend_device(backend, dev)
@@ -255,10 +260,14 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
     chosen = _resolve_splits(ds, splits)
     algo.check_data(ds.image_shape, ds.n_classes)  # e.g. k within H*W, classes within n_classes
     _check_workdir(workdir, out)
+    if save_protector is not None:
+        from .protector import check_protector_path
+
+        save_protector = check_protector_path(save_protector, out, workdir, overwrite=bool(overwrite))
     requested = algo.loop.precision if isinstance(algo, BiLevelMethod) else precision or "auto"
     job = ProtectPlan(algo, ds, tuple(chosen), out, workdir, release_path_for(ds, out).name, backend, requested,
                       bool(resume), bool(overwrite), bool(keep_checkpoint), bool(figure), bool(progress), bool(audit),
-                      device=dev, seed_source=seed_source)
+                      device=dev, seed_source=seed_source, save_protector=save_protector)
     check_output(out, job.may_replace)
     return job
 
@@ -332,19 +341,28 @@ def fit(job: ProtectPlan) -> Fitted:
     labels = torch.cat([torch.from_numpy(np.array(ds[s].labels[:, 0])) for s in job.splits]).long()
     _prepare_workdir(job)
     t0 = time.perf_counter()
-    release = {s: np.empty_like(ds[s].images) for s in job.splits}
-    starts = np.cumsum([0, *counts])
     with ops.use_backend(job.backend):
         protection = job.method.fit(images, labels, ds.n_classes, workdir=job.workdir, resume=job.resume,
                                     progress=job.progress, device=job.device)
-        for sl, delta in protection.batches():
-            # On the CPU, where the release arrays are: a batch's copy is small, the double math exact anywhere.
-            rows = nchw_to_storage(quantize_release(images.u8(sl).cpu(), delta.cpu(), job.method.eps))
-            for name, a, b in zip(job.splits, starts[:-1], starts[1:]):  # a batch may straddle two splits
-                lo, hi = max(sl.start, a), min(sl.stop, b)
-                if lo < hi:
-                    release[name][lo - a:hi - a] = rows[lo - sl.start:hi - sl.start]
+        release = release_arrays(ds, job.splits, images, protection, job.method.eps)
     return Fitted(protection, release, counts, time.perf_counter() - t0)
+
+
+def release_arrays(ds: Dataset, splits: Sequence[str], images: ImageView, protection: Protection,
+                   eps: float) -> dict[str, np.ndarray]:
+    """The release bytes of ``splits`` (their images, in order, are ``images``): each batch of the
+    perturbation quantized onto the uint8 grid (:func:`~salm_fast.release.quantize_release`) and put in
+    storage-layout arrays like the input's. ``protect`` and ``apply`` both release through here."""
+    release = {s: np.empty_like(ds[s].images) for s in splits}
+    starts = np.cumsum([0, *(len(ds[s]) for s in splits)])
+    for sl, delta in protection.batches():
+        # On the CPU, where the release arrays are: a batch's copy is small, the double math exact anywhere.
+        rows = nchw_to_storage(quantize_release(images.u8(sl).cpu(), delta.cpu(), eps))
+        for name, a, b in zip(splits, starts[:-1], starts[1:]):  # a batch may straddle two splits
+            lo, hi = max(sl.start, a), min(sl.stop, b)
+            if lo < hi:
+                release[name][lo - a:hi - a] = rows[lo - sl.start:hi - sl.start]
+    return release
 
 
 # ------------------------------------------------------------------------------ protect: write
@@ -589,7 +607,8 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
             resume: bool = False, overwrite: bool = False, progress: bool = False, backend: str | None = None,
             figure: bool = True, keep_checkpoint: bool = False, workdir: str | Path | None = None,
             precision: str | None = None, audit: bool = True, resize: tuple[int, int] | str | None = None,
-            device: str | torch.device | None = "auto", **options: Any) -> ProtectResult:
+            device: str | torch.device | None = "auto", save_protector: str | Path | None = None,
+            **options: Any) -> ProtectResult:
     """Protect ``data`` with ``method``; publish the release, summary, figure, round log and audit as ``out``.
 
     ``eps``: the L-inf budget, a fraction ``"8/255"`` or a number below 1 (``release.parse_eps``);
@@ -610,12 +629,16 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
     publishing; ``audit.json`` goes beside the summary, the verdict into ``summary["audit"]``.
     ``resize``: ``(h, w)`` or ``"HxW"``, read an image folder at this size (the release is then of
     the resized images). 16-bit PNG/TIFF and DICOM folders are released at their own depth
-    (:mod:`salm_fast.data.stored`). Everything is checked before any work starts; nothing is written
-    on bad input.
+    (:mod:`salm_fast.data.stored`). ``save_protector``: a file path for what protects images that arrive
+    later (:mod:`salm_fast.protector`; ``apply``): methods with a trained generator only, never inside
+    ``out`` (the release is shared, the protector is the owner's key), an existing file only with
+    ``overwrite``; written with the release, or not at all. Everything is checked before any work
+    starts; nothing is written on bad input.
     """
     job = plan(data, method, out=out, eps=eps, k=k, splits=splits, seed=seed, resume=resume, overwrite=overwrite,
                progress=progress, backend=backend, figure=figure, keep_checkpoint=keep_checkpoint, workdir=workdir,
-               precision=precision, audit=audit, resize=resize, device=device, **options)
+               precision=precision, audit=audit, resize=resize, device=device, save_protector=save_protector,
+               **options)
     for folder in (job.out, job.workdir):  # the locks live beside them
         folder.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(job.out), output_lock(job.workdir):
@@ -623,7 +646,15 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
         for stale in job.out.parent.glob(f".{glob.escape(job.out.name)}.{STAGING}-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a killed run's: only a run holding this lock stages here
         try:
-            return write(job, fit(job))
+            fitted = fit(job)
+            if job.save_protector is None:
+                return write(job, fitted)
+            from .protector import staged_protector
+
+            # Made, written beside its place and checked to load before the release is published; renamed into
+            # place right after it is (a run that fails before publishing leaves no protector behind).
+            with staged_protector(job.save_protector, job.method, job.data, job.splits, overwrite=job.overwrite):
+                return write(job, fitted)
         except BaseException:
             if job.workdir == work_folder_for(job.out) and job.workdir.is_dir() and not any(job.workdir.iterdir()):
                 job.workdir.rmdir()  # nothing to resume from: no empty folder left behind

@@ -4,6 +4,8 @@
     salm-fast protect --data X.npz --method salm --eps 8/255 --k 0.2 --out DIR
     salm-fast evaluate --clean X.npz --release DIR/X.npz --victim resnet18 [--defense jpeg-10]
     salm-fast audit DIR --clean X.npz                # quick verdict: budget, PSNR/SSIM, a brief victim
+    salm-fast protect ... --save-protector P.pt      # also keep what protects images that arrive later
+    salm-fast apply --protector P.pt --data new.npz --out DIR2   # protect them, publish a release folder
     salm-fast backends                               # which kernel backends run here, and why not
 
 The benchmarks are not part of the package: from a source checkout, ``python -m bench kernels``
@@ -95,7 +97,7 @@ def cmd_protect(args) -> int:
                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
                      backend=args.backend, figure=not args.no_figure, keep_checkpoint=args.keep_checkpoint,
                      workdir=args.workdir, precision=args.precision, audit=not args.no_audit, resize=args.resize,
-                     device=args.device, **options)
+                     device=args.device, save_protector=args.save_protector, **options)
     print(result.table())
     for split, budget in result.summary.get("stored_budget", {}).items():  # 16-bit / DICOM files: their own grid
         for bits, m in budget["per_bits"].items():
@@ -104,6 +106,19 @@ def cmd_protect(args) -> int:
     print(f"summary: {Path(args.out) / 'summary.json'}")
     if "audit" in result.summary:
         print(f"audit: {result.summary['audit']['verdict']} ({Path(args.out) / result.summary['audit']['file']})")
+    if args.save_protector:
+        print(f"protector: {args.save_protector} (private, like the checkpoint: it protects new images with "
+              "salm-fast apply; never share it)")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .protector import apply
+
+    result = apply(args.protector, args.data, out=args.out, splits=args.splits, overwrite=args.overwrite,
+                   progress=not args.quiet, figure=not args.no_figure, device=args.device, resize=args.resize)
+    print(result.table())
+    print(f"summary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -240,8 +255,29 @@ def _add_protect(sub) -> None:
                     "clean data, about a minute on a MedMNIST-size set) and its audit.json")
     pr.add_argument("--resize", type=parse_resize, default=None, help="image folders: resize every image to HxW "
                     "(bilinear) on reading; the release holds the resized images")
+    pr.add_argument("--save-protector", default=None, metavar="P.pt",
+                    help="also save what protects images that arrive later (salm-fast apply): generator methods "
+                         "(salm, generator); a private file, never inside OUT; an existing one only with --overwrite")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_protect)
+
+
+def _add_apply(sub) -> None:
+    ap = sub.add_parser("apply", help="protect images that arrive later with a saved protector; publish a release "
+                        "folder laid out as protect's")
+    ap.add_argument("--protector", required=True, help="a file from protect --save-protector")
+    ap.add_argument("--data", required=True, help="the new images: MedMNIST .npz, an image folder with labels.csv, "
+                    "or 'synthetic:...'; the protector's channels and size, labels among its classes")
+    ap.add_argument("--out", required=True, help="output folder (new, empty, or a previous output with --overwrite), "
+                    "published whole: the release, summary.json, protection.png")
+    ap.add_argument("--splits", default="all", help="'all' (default), 'train', or a comma list")
+    ap.add_argument("--device", default="auto", help="where the protector runs: " + _DEVICE_HELP)
+    ap.add_argument("--resize", type=parse_resize, default=None, help="image folders: resize every image to HxW "
+                    "(bilinear) on reading")
+    ap.add_argument("--overwrite", action="store_true", help="replace a previous salm-fast output in OUT")
+    ap.add_argument("--no-figure", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.set_defaults(func=cmd_apply)
 
 
 def _add_evaluate_and_demo(sub, victims: list[str]) -> None:
@@ -324,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="Benchmarks: from a source checkout, python -m bench kernels|speed|real (or make bench).")
     sub = p.add_subparsers(dest="command", required=True)
     _add_protect(sub)
+    _add_apply(sub)
     _add_evaluate_and_demo(sub, sorted(MODELS))
     _add_audit(sub)
     _add_experiment_and_report(sub, sorted(MODELS))

@@ -51,6 +51,50 @@ class GeneratorEM(BiLevelMethod):
                                   **self.code_options(x, n_classes)).to(x.device)
         return GeneratorNoise(self.net, self.eps, steps=self.generator_steps, lr=self.generator_lr)
 
+    # ---------------------------------------------------------------- protecting images that arrive later
+    @property
+    def can_save_protector(self) -> bool:
+        """Whether :meth:`protector_state` describes this object whole. The plain generator's does (its
+        network is all it needs); a subclass that adds state (SALM's masks) must define its own
+        ``protector_state`` / ``from_protector_state``, and until it does it cannot save one."""
+        return type(self) is GeneratorEM or type(self).protector_state is not GeneratorEM.protector_state
+
+    def protector_state(self) -> dict:
+        """What protects new images, as tensors and primitives only (``torch.load(weights_only=True)``
+        reads it back): the generator's constructor arguments and weights, and the budget. No seed, no
+        optimizer, no training data. :meth:`from_protector_state` rebuilds a method whose :meth:`perturb`
+        gives the same perturbation."""
+        if not self.can_save_protector:
+            raise RuntimeError(f"{self.name}: cannot save a protector (its state is more than the generator)")
+        if self.net is None:
+            raise RuntimeError(f"{self.name}: fit() first; the generator is not trained")
+        net = self.net
+        return {"kind": "generator", "eps": float(self.eps),
+                "generator": {"channels": int(net.channels), "n_classes": int(net.n_classes), "width": int(self.width),
+                              "class_conditional": bool(net.class_conditional), "parity": bool(net.parity)},
+                "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+
+    @classmethod
+    def from_protector_state(cls, state: dict) -> "GeneratorEM":
+        """A method that protects new images as the one that saved ``state`` (:meth:`protector_state`) did;
+        ValueError (one line) on a state that is not one."""
+        if not isinstance(state, dict) or state.get("kind") != "generator":
+            raise ValueError(f"{cls.name}: the protector's method state is not a generator's")
+        try:
+            eps, spec, weights = state["eps"], dict(state["generator"]), state["state_dict"]
+            method = cls(eps, width=spec["width"])
+            code = weights.get("code")  # a class-wise code's shape (its values are in the weights)
+            with torch.random.fork_rng(devices=[]):  # its random initial weights are replaced: leave the caller's RNG
+                net = NoiseGenerator(spec["channels"], spec["n_classes"], method.eps, width=spec["width"],
+                                     code=None if code is None else torch.zeros_like(code),
+                                     class_conditional=spec["class_conditional"], parity=spec["parity"])
+            net.load_state_dict(weights, strict=True)
+        except (KeyError, TypeError, RuntimeError) as exc:
+            reason = f"missing {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:200]
+            raise ValueError(f"{cls.name}: the protector's generator state does not load ({reason})") from None
+        method.net = net.eval()
+        return method
+
     @torch.no_grad()
     def perturb(self, x: Tensor, y: Tensor, mask: Tensor | None = None, batch_size: int = 1024,
                 precision: str = "fp32") -> Tensor:
