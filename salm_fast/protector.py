@@ -308,10 +308,14 @@ class ApplyResult:
     summary: dict[str, Any]
 
     def table(self) -> str:
+        from .api import describe_k
+
         s, b = self.summary, self.summary["budget"]
+        k, (h, w) = s["options"].get("k"), s["dataset"]["image_shape"]
         rows = [("method", f"{s['method']} (protector fit on {s['protector']['fit_images']} images)"),
                 ("perturbed splits", ", ".join(s["splits"])), ("images", str(s["images"])),
                 ("L-inf (stored bytes)", f"{b['linf_levels']}/255 (budget {s['budget_levels']}/255)"),
+                *([("K (L0 budget)", describe_k(k, h * w))] if k is not None else []),
                 ("L0 (pixels changed)", f"{b['l0_fraction']:.3f} of pixels, <= {b['l0_max_per_image']} per image"),
                 ("PSNR / SSIM", f"{s['quality']['psnr_db']:.1f} dB / {s['quality']['ssim']:.4f}"),
                 ("time", f"{s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s)"),
