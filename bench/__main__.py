@@ -45,6 +45,12 @@ def _gpu(argv: Sequence[str]) -> int:
     return gpu.main(argv)
 
 
+def _apply_half(argv: Sequence[str]) -> int:
+    from bench import apply_half
+
+    return apply_half.main(argv)
+
+
 #: name -> (one-line help, entry point taking the remaining argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "kernels": ("fused ops: eager PyTorch vs the torch reference vs the native backend", _kernels),
@@ -53,6 +59,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "compat": ("drop-in: the classic unlearnable-examples loop, plain PyTorch vs salm_fast.compat", _compat),
     "memory": ("peak memory of a protection vs the size of the data set (streamed data)", _memory),
     "gpu": ("CUDA: Triton vs eager vs copy bandwidth per op, end-to-end protection images/s", _gpu),
+    "apply_half": ("PneumoniaMNIST: half protected, half by apply (saved protector), vs all protected", _apply_half),
 }
 
 

@@ -66,7 +66,8 @@ KEYS = ("format", "version", "salm_fast", "method", "options", "eps", "k", "k_pi
 def cannot_save(method: Method) -> str | None:
     """Why ``method`` cannot save a protector, or None when it can."""
     cls = type(method)
-    if not (callable(getattr(method, "protector_state", None)) and callable(getattr(cls, "from_protector_state", None))):
+    if not (callable(getattr(method, "protector_state", None))
+            and callable(getattr(cls, "from_protector_state", None))):
         return (f"method {method.name} cannot save a protector: its perturbation is computed per image (or per "
                 "class) of the data it protects, with nothing that carries over to new images; use a generator "
                 "method (salm, generator)")
@@ -229,8 +230,8 @@ class Protector:
         try:
             method = cls.from_protector_state(self.state)
         except (KeyError, TypeError, RuntimeError) as exc:
-            raise ValueError(f"{self.source}: the {self.method} state does not load ({' '.join(str(exc).split())[:200]})"
-                             ) from None
+            reason = " ".join(str(exc).split())[:200]
+            raise ValueError(f"{self.source}: the {self.method} state does not load ({reason})") from None
         if abs(float(method.eps) - self.eps) > 1e-12 or (method.masked and method.k != self.k):
             raise ValueError(f"{self.source}: the method state's budget (eps {method.eps}, k {method.k}) is not the "
                              f"file's (eps {self.eps}, k {self.k})")
