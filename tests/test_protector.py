@@ -13,7 +13,6 @@ from salm_fast import apply, load_protector, protect
 from salm_fast.bilevel import BiLevelConfig
 from salm_fast.cli import main
 from salm_fast.data import load_dataset, make_synthetic
-from salm_fast.methods import SALM
 from salm_fast.protector import FORMAT, KEYS, fingerprint
 from salm_fast.release import budget_levels
 
@@ -96,7 +95,6 @@ def test_apply_to_new_images_within_budget_on_the_stored_bytes(generator_run, tm
     assert audit(tmp_path / "new", new).status != "over budget"
 
 
-@pytest.mark.skipif(not hasattr(SALM, "from_protector_state"), reason="this SALM cannot save a protector yet")
 def test_salm_protector_keeps_l0_on_new_images(ds, tmp_path):
     res = protect(ds, "salm", out=tmp_path / "out", eps=EPS, seed=0, figure=False, audit=False,
                   save_protector=tmp_path / "salm.pt", **SALM_FAST)
