@@ -18,6 +18,7 @@ grid (a quarter of the memory; ``storage=``, see the class).
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .data.view import pass_batch
 from .release import LEVELS, budget_levels, stored_steps
 
 
@@ -94,12 +96,27 @@ def _input_grad(loop: LoopView, xb: Tensor, yb: Tensor, d: Tensor) -> tuple[Tens
 #: Per-image noise storage: float32 (exact) or whole levels of the release's 8-bit grid.
 STORAGES = ("float", "int8")
 
+#: Input elements per forward/backward of a PGD step: a batch of 256 RGB 64 px images whole (so 28 and
+#: 64 px sets step as they always did); larger images step in parts of fewer images (20 at 224 px RGB),
+#: since the surrogate's activations kept for the backward grow with the pixels (about 46 MiB an RGB
+#: 224 px image for the default cnn-half in fp32, 25 MiB in bf16).
+GRAD_ELEMENTS = 256 * 3 * 64 * 64
+
+
+def grad_batch(shape: tuple[int, ...], limit: int) -> int:
+    """Images per forward/backward over images of ``shape`` (N x C x H x W): at most ``limit``, at most
+    :data:`GRAD_ELEMENTS` input elements, at least 1."""
+    return max(1, min(limit, GRAD_ELEMENTS // max(1, math.prod(shape[1:]))))
+
 
 class SampleWiseNoise(Noise):
     """One perturbation per image, optimized by PGD (Huang et al., ICLR 2021, for sign=-1).
 
     Each round is one pass over the data in batches, ``steps`` PGD steps of size
-    ``step_size`` per batch, warm-started from the current perturbation.
+    ``step_size`` per batch, warm-started from the current perturbation. An image's steps depend
+    on its own gradient alone (the surrogate is in eval mode, a step takes the gradient's sign), so a
+    batch whose activations would be too large (:func:`grad_batch`: large images) steps in parts of
+    fewer images, to the same perturbation up to float rounding.
 
     ``storage``: ``"float"`` keeps every perturbation as float32 (4 bytes per pixel and channel);
     ``"int8"`` keeps whole 8-bit levels (1 byte; int16 when eps exceeds 127/255), written back
@@ -141,7 +158,7 @@ class SampleWiseNoise(Noise):
         return self._stored(idx, x, mask)
 
     def on_mask_change(self, x, mask):
-        step = 1024
+        step = pass_batch(tuple(x.shape))
         for start in range(0, len(x), step):
             sl = slice(start, min(start + step, len(x)))
             self._store(sl, ops.masked_linf_project(x[sl], self._stored(sl, x[sl], mask[sl]), mask[sl], self.eps))
@@ -150,8 +167,9 @@ class SampleWiseNoise(Noise):
         loss, steps_done = 0.0, 0
         n = len(loop.x)
         order = torch.randperm(n, generator=loop.gen)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        batch = grad_batch(tuple(loop.x.shape), self.batch_size)
+        for start in range(0, n, batch):
+            idx = order[start:start + batch]
             xb, yb = loop.x[idx], loop.y[idx]
             mb = loop.mask[idx].to(xb.dtype)
             d = self._stored(idx, xb, mb)

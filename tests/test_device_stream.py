@@ -355,3 +355,28 @@ def test_threads_are_chosen_by_a_measurement_and_restored(monkeypatch, rgb):
         assert torch.get_num_threads() == 2  # the caller's count, restored
     finally:
         torch.set_num_threads(before)
+
+
+def test_samplewise_pgd_steps_large_batches_in_parts_to_the_same_noise(monkeypatch):
+    """Large images step in parts of fewer images (noise.grad_batch): the surrogate is in eval mode and a step
+    takes the gradient's sign, so each image's perturbation is the one a whole batch gives."""
+    import salm_fast.noise as noise_module
+    from salm_fast.noise import LoopView, grad_batch
+
+    assert grad_batch((9, 3, 224, 224), 256) == 20 and grad_batch((9, 3, 64, 64), 256) == 256
+    assert grad_batch((9, 1, 28, 28), 256) == 256 and grad_batch((9, 3, 4096, 4096), 256) == 1
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 28, 28), torch.arange(24) % 2
+    mask = (torch.rand(24, 1, 28, 28) < 0.3).to(torch.uint8)
+    model = build_surrogate("cnn-half", 3, 2, 28).eval()
+
+    def run():
+        noise = SampleWiseNoise(tuple(x.shape), EPS, steps=3, step_size=2 / 255, storage="int8")
+        loss = lambda xb, yb: torch.nn.functional.cross_entropy(model(xb), yb)  # noqa: E731
+        noise.optimize(LoopView(x, y, mask, torch.Generator().manual_seed(1), loss, lambda: None))
+        return noise.buffer.clone()
+
+    whole = run()
+    monkeypatch.setattr(noise_module, "GRAD_ELEMENTS", 5 * 3 * 28 * 28)  # parts of 5 images
+    assert torch.equal(run(), whole) and whole.abs().max() > 0
+    assert int(whole.abs().max()) <= round(EPS * 255) and not bool(whole[mask.expand_as(whole) == 0].any())
