@@ -195,7 +195,8 @@ class ClassWiseNoise(Noise):
     """One perturbation per class, shared by all its images, optimized by PGD.
 
     The class pattern is clipped to [-eps, eps]; each image then sees it restricted to
-    its own mask and cut to keep its pixels in [0, 1].
+    its own mask and cut to keep its pixels in [0, 1]. One step per batch; a batch of large
+    images computes its gradient in parts (:meth:`_pattern_grad`), to the same step.
     """
 
     def __init__(self, n_classes: int, image_shape: tuple[int, ...], eps: float, *, steps: int = 20,
@@ -212,6 +213,25 @@ class ClassWiseNoise(Noise):
     def delta(self, idx, x, y, mask):
         return ops.masked_linf_project(x, self.patterns[y], mask, self.eps)
 
+    def _pattern_grad(self, loop: LoopView, xb: Tensor, yb: Tensor, mb: Tensor) -> tuple[Tensor, float]:
+        """The gradient of the batch's mean loss with respect to the patterns, and that loss. A batch of
+        large images is taken in parts (:func:`grad_batch`), each part's gradient weighted by its share
+        of the batch: the same gradient (the surrogate is in eval mode; one part: the very same bits),
+        holding one part's activations at a time (with the loop's augmentation on, the parts draw their
+        crops one after the other)."""
+        n = len(yb)
+        part = grad_batch(tuple(xb.shape), n)
+        grad, loss = None, 0.0
+        for start in range(0, n, part):
+            sl = slice(start, min(n, start + part))
+            p = self.patterns.detach().requires_grad_(True)
+            lo = loop.loss(xb[sl] + ops.masked_linf_project(xb[sl], p[yb[sl]], mb[sl], self.eps), yb[sl])
+            (g,) = torch.autograd.grad(lo, p)
+            share = (sl.stop - sl.start) / n
+            grad = g.mul_(share) if grad is None else grad.add_(g, alpha=share)
+            loss += float(lo.detach()) * share
+        return grad, loss
+
     def optimize(self, loop):
         loss = 0.0
         n = len(loop.x)
@@ -221,12 +241,9 @@ class ClassWiseNoise(Noise):
             xb, yb = loop.x[idx], loop.y[idx]
             mb = loop.mask[idx].to(xb.dtype)
             for _ in range(self.steps):
-                p = self.patterns.detach().requires_grad_(True)
-                lo = loop.loss(xb + ops.masked_linf_project(xb, p[yb], mb, self.eps), yb)
-                (g,) = torch.autograd.grad(lo, p)
+                g, loss = self._pattern_grad(loop, xb, yb, mb)
                 ops.pgd_step(self._grey, self.patterns, g, self._full, self.eps, self.step_size, self.sign,
                              out=self.patterns)
-                loss = float(lo.detach())
         return loss, n * self.steps, {}
 
     def state_dict(self):

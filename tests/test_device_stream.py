@@ -380,3 +380,28 @@ def test_samplewise_pgd_steps_large_batches_in_parts_to_the_same_noise(monkeypat
     monkeypatch.setattr(noise_module, "GRAD_ELEMENTS", 5 * 3 * 28 * 28)  # parts of 5 images
     assert torch.equal(run(), whole) and whole.abs().max() > 0
     assert int(whole.abs().max()) <= round(EPS * 255) and not bool(whole[mask.expand_as(whole) == 0].any())
+
+
+def test_classwise_gradient_of_a_large_batch_is_taken_in_parts(monkeypatch):
+    """ClassWiseNoise steps once per batch; a batch of large images sums its gradient over parts (weighted by
+    their share): the same gradient and loss, the very same bits when the batch fits in one part."""
+    import salm_fast.noise as noise_module
+    from salm_fast.noise import ClassWiseNoise, LoopView
+
+    torch.manual_seed(0)
+    x, y = torch.rand(23, 3, 28, 28), torch.arange(23) % 3
+    mask = (torch.rand(23, 1, 28, 28) < 0.3).float()
+    model = build_surrogate("cnn-half", 3, 3, 28).eval()
+    loss = lambda xb, yb: torch.nn.functional.cross_entropy(model(xb), yb)  # noqa: E731
+    loop = LoopView(x, y, mask, torch.Generator().manual_seed(1), loss, lambda: None)
+    noise = ClassWiseNoise(3, (3, 28, 28), EPS)
+    noise.patterns.uniform_(-EPS, EPS)
+    p = noise.patterns.detach().requires_grad_(True)
+    lo = loss(x + noise_module.ops.masked_linf_project(x, p[y], mask, EPS), y)
+    (g_ref,) = torch.autograd.grad(lo, p)
+    g_whole, l_whole = noise._pattern_grad(loop, x, y, mask)
+    assert torch.equal(g_whole, g_ref) and l_whole == float(lo.detach())
+    monkeypatch.setattr(noise_module, "GRAD_ELEMENTS", 5 * 3 * 28 * 28)  # parts of 5, 5, 5, 5 and 3 images
+    g_parts, l_parts = noise._pattern_grad(loop, x, y, mask)
+    assert torch.allclose(g_parts, g_whole, rtol=1e-3, atol=1e-5 * float(g_whole.abs().max()))  # float rounding
+    assert l_parts == pytest.approx(l_whole, rel=1e-5)

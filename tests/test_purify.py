@@ -60,18 +60,24 @@ def test_a_known_pattern_is_mostly_removed_and_the_rest_left_alone(data):
     assert remover.info["threshold_255"] == pytest.approx(EPS_LEVELS / 2, abs=1e-3)
 
 
-def test_purify_removes_part_of_a_second_salm_release(data):
-    """The attacker's re-protection runs SALM under its own seed; the owner's release is another SALM run."""
+def test_purify_removes_less_without_the_owners_secret_key(data):
+    """The attacker's re-protection runs SALM under its own seed; the owner's release is another SALM run,
+    whose code (texture per class, signs per block) is keyed by the owner's secret seed."""
     clean, labels = data
     settings = PurifySettings(rounds=1, options=(("mask_epochs", 1),))
     release = settings.protector(2, seed=1)(clean, labels)
     assert 0 < int((release.int() - clean.int()).abs().max()) <= EPS_LEVELS
-    remover = KnownPatternRemoval(settings.protector(2, seed=2), steps=150, width=16, seed=0)
-    purified = remover(release, labels)
     perturbed = release != clean
-    # Measured: 1.53 -> 1.16 grey levels over all pixels, 7.8 -> 3.2 on the perturbed ones.
-    assert mean_error(purified, clean) < mean_error(release, clean)
-    assert mean_error(purified, clean, perturbed) < 0.75 * mean_error(release, clean, perturbed)
+    errors = {}
+    for key in (1, 2):  # 1: the owner's seed (a leaked key), 2: the attacker's own
+        remover = KnownPatternRemoval(settings.protector(2, seed=key), steps=150, width=16, seed=0)
+        purified = remover(release, labels)
+        errors[key] = (mean_error(purified, clean), mean_error(purified, clean, perturbed))
+    # Measured: all pixels 1.28 -> 1.01 (key 1) / 1.31 (key 2) grey levels; perturbed 7.06 -> 5.08 / 5.89.
+    assert errors[1][0] < mean_error(release, clean)
+    assert errors[1][1] < 0.8 * mean_error(release, clean, perturbed)
+    assert errors[2][1] < mean_error(release, clean, perturbed)  # the kind of pattern is still known ...
+    assert errors[2][1] > errors[1][1]  # ... but without the key less of it comes off
 
 
 def test_bad_settings_and_a_bad_protector_are_refused(data):

@@ -23,10 +23,12 @@ random batches, everything drawn from ``seed``. Two choices make it work on a sp
 * an estimate smaller than half the largest perturbation of the pairs (4/255 at eps 8/255) is
   not subtracted: small estimates on clean pixels would otherwise round to +-1 grey level.
 
-Measured (tests/test_purify.py: synthetic 28 px images, 96 of them, the attacker's seed not the
-owner's; mean absolute error against the clean images, in grey levels): today's SALM (K = 20%,
-one bi-level round), 300 steps of width 32: 1.53 -> 1.14 over all pixels, 7.8 -> 3.5 on the
-perturbed ones (0.56 added on the others); width 16, 150 steps: 1.53 -> 1.16, 7.8 -> 3.2.
+Measured (tests/test_purify.py: synthetic 28 px images, 96 of them; mean absolute error against
+the clean images, in grey levels; width 16, 150 steps). The SALM of the first releases (a public
+class texture; K = 20%, one bi-level round), the attacker's seed not the owner's: 1.53 -> 1.16
+over all pixels, 7.8 -> 3.2 on the perturbed ones. Today's SALM, whose code is keyed by the
+owner's secret seed: with the attacker's own seed 1.28 -> 1.31 over all pixels, 7.06 -> 5.89 on
+the perturbed ones; with the owner's seed (a leaked key) 1.28 -> 1.01 and 7.06 -> 5.08.
 A fixed stripe pattern on three 7 x 7 blocks per image: 1.31 -> 0.68, 7.8 -> 2.7.
 """
 from __future__ import annotations
