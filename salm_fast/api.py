@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from . import __version__, ops
+from . import distributed as D
 from .data import (
     SPLITS,
     DataError,
@@ -275,12 +276,15 @@ def plan(data: str | Path | Dataset, method: str = "salm", *, out: str | Path, e
 def release_seed(seed: int | None, checkpoint: Path | None = None) -> tuple[Any, str]:
     """The seed of a release and where it came from: the caller's (``"user"``, checked by the method); a
     resumed run's, read back from its ``checkpoint`` (``"checkpoint"``: a fresh seed would not continue
-    it); else a secret one from the OS (``"os"``), kept only in the private work folder's checkpoint."""
+    it); else a secret one from the OS (``"os"``), kept only in the private work folder's checkpoint.
+    Many processes (``torchrun``): every rank gets rank 0's (its checkpoint, or the secret it drew)."""
     if seed is not None:
         return seed, "user"
+    if not D.is_main():
+        return D.broadcast_object(None)
     if checkpoint is not None and checkpoint.is_file():
-        return checkpoint_seed(checkpoint), "checkpoint"
-    return secrets.randbits(62), "os"
+        return D.broadcast_object((checkpoint_seed(checkpoint), "checkpoint"))
+    return D.broadcast_object((secrets.randbits(62), "os"))
 
 
 def checkpoint_seed(path: str | Path) -> int:
@@ -322,7 +326,10 @@ class Fitted:
 
 
 def _prepare_workdir(job: ProtectPlan) -> None:
-    """The private work folder (0700: the checkpoint holds the noise); a fresh run starts it empty."""
+    """The private work folder (0700: the checkpoint holds the noise); a fresh run starts it empty.
+    Many processes: rank 0's alone."""
+    if not D.is_main():
+        return
     if not job.workdir.exists():
         job.workdir.mkdir(parents=True)
         job.workdir.chmod(0o700)
@@ -331,10 +338,72 @@ def _prepare_workdir(job: ProtectPlan) -> None:
             (job.workdir / name).unlink(missing_ok=True)
 
 
+def _fit_shard(job: ProtectPlan) -> Fitted:
+    """:func:`fit` on one rank of many (``torchrun``; :mod:`salm_fast.distributed`).
+
+    The perturbed splits' images, in order, are cut into one contiguous shard per rank; each rank fits
+    the method on its shard (the models are shared and kept identical, see :mod:`salm_fast.bilevel`),
+    quantizes its shard's release and sends it to rank 0 with its masks (and, for image-folder
+    releases, which go back onto each file's own grid, its float perturbation). Rank 0 returns the
+    whole release; the others a Fitted without one (they write nothing)."""
+    ds = job.data
+    rank, size = D.world()
+    counts = [len(ds[s]) for s in job.splits]
+    total = sum(counts)
+    if total < size:
+        raise ValueError(f"{total} images to perturb cannot be shared by {size} processes")
+    own = D.shard_indices(total, rank, size)
+    starts = np.cumsum([0, *counts])
+    parts, labels = [], []
+    for name, a, b in zip(job.splits, starts[:-1], starts[1:]):
+        lo, hi = max(own.start, a), min(own.stop, b)
+        if lo < hi:  # slices: a memory-mapped split stays memory-mapped
+            parts.append(ds[name].images[lo - a:hi - a])
+            labels.append(np.array(ds[name].labels[lo - a:hi - a, 0]))
+    images = ImageView(parts, job.device)
+    y = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+    want_delta = not job.release_name.endswith(".npz")  # written onto each file's own grid: the float values
+    _prepare_workdir(job)
+    t0 = time.perf_counter()
+    rows, deltas = [], []
+    with ops.use_backend(job.backend):
+        protection = job.method.fit(images, y, ds.n_classes, workdir=job.workdir, resume=job.resume,
+                                    progress=job.progress and rank == 0, device=job.device)
+        for sl, delta in protection.batches():
+            rows.append(nchw_to_storage(quantize_release(images.u8(sl).cpu(), delta.cpu(), job.method.eps)))
+            if want_delta:
+                deltas.append(delta.cpu())
+    release = D.gather_rows(torch.from_numpy(np.concatenate(rows)))
+    mask = D.gather_rows(protection.mask.cpu())
+    delta = D.gather_rows(torch.cat(deltas)) if want_delta else None
+    seconds = time.perf_counter() - t0
+    if rank != 0:
+        return Fitted(protection, {}, counts, seconds)
+    info = {**protection.info, "processes": size, "images_per_second": total / seconds if seconds > 0 else 0.0,
+            "distributed_backend": D.backend_name()}
+    whole = ImageView([ds[s].images for s in job.splits], job.device)
+    if delta is None:
+        def not_here(idx: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("under torchrun the float perturbation stays on the process that computed it; "
+                               "the release holds it quantized")
+        gathered = Protection(None, mask, info, delta_of=not_here, images=whole)
+    else:
+        gathered = Protection(delta, mask, info)
+    arrays = release.numpy()
+    out = {name: arrays[a:b] for name, a, b in zip(job.splits, starts[:-1], starts[1:])}
+    for name in job.splits:
+        if out[name].shape != ds[name].images.shape:
+            raise RuntimeError(f"{name}: gathered release {out[name].shape} is not {ds[name].images.shape} (a bug)")
+    return Fitted(gathered, out, counts, seconds)
+
+
 def fit(job: ProtectPlan) -> Fitted:
     """Run the method on the plan's splits on the plan's device; the checkpoint and round log go to the
     work folder. The images stay uint8 as stored (float batches are made on the device), and the release
-    is quantized batch by batch into storage-layout arrays."""
+    is quantized batch by batch into storage-layout arrays. Many processes (``torchrun``): each rank fits
+    its shard and rank 0 gathers the release (:func:`_fit_shard`)."""
+    if D.initialized():
+        return _fit_shard(job)
     ds = job.data
     counts = [len(ds[s]) for s in job.splits]
     images = ImageView([ds[s].images for s in job.splits], job.device)
@@ -370,9 +439,9 @@ def release_arrays(ds: Dataset, splits: Sequence[str], images: ImageView, protec
 class ProtectResult:
     """What ``protect`` produced; ``summary`` is also written as JSON beside the release."""
 
-    release: Dataset
+    release: Dataset | None  # None on the ranks of a torchrun job other than 0 (rank 0 publishes)
     release_path: Path
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # empty on those ranks
     protection: Protection | None = field(default=None, repr=False)  # the float perturbation (not saved)
 
     @property
@@ -641,6 +710,8 @@ def protect(data: str | Path | Dataset, method: str = "salm", *, out: str | Path
                **options)
     for folder in (job.out, job.workdir):  # the locks live beside them
         folder.parent.mkdir(parents=True, exist_ok=True)
+    if not D.is_main():  # torchrun: this rank computes its shard; rank 0 alone locks, checkpoints and publishes
+        return ProtectResult(None, job.release_path, {}, fit(job).protection)
     with output_lock(job.out), output_lock(job.workdir):
         check_output(job.out, job.may_replace)  # again under the lock: another run may have published meanwhile
         for stale in job.out.parent.glob(f".{glob.escape(job.out.name)}.{STAGING}-*"):

@@ -23,6 +23,16 @@ Data and device: the trainer takes its images through a
 keeps the labels and the uint8 mask on the device, and puts every surrogate it builds there;
 the loop's random stream stays on the CPU (the same draws on every device). Nothing in it is
 global: a trainer is its data view, its models and its stream, so several can run side by side.
+
+Many processes (``torchrun``, :mod:`salm_fast.distributed`): each rank's trainer holds its shard
+of the images. Every batch of the loop is split over the ranks (rank r draws its share of
+``batch_size`` from its shard, from a random stream of its own), and the surrogate's (and the
+noise's) gradients are averaged over the ranks weighted by those shares before every optimizer
+step: each step is the step one process takes on the union of the ranks' batches, the models
+stay identical on every rank (BatchNorm statistics are averaged the same way). The round's
+statistics (the stop rule's accuracy included) are summed over the ranks, so every rank takes
+the same decisions and runs the same number of steps. Rank 0 writes the round log and the
+checkpoint, which holds every rank's state; a resumed run must have the same number of ranks.
 """
 from __future__ import annotations
 
@@ -36,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as D
 from . import surrogate as S
 from .data.atomic import atomic_path
 from .data.view import ImageView, as_view, pass_batch
@@ -124,16 +135,26 @@ class BiLevelTrainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress, self.description = progress, description
         self.round_hooks = list(round_hooks or [])
-        self.gen = torch.Generator().manual_seed(config.seed)
-        self.view = LoopView(self.x, self.y, mask, self.gen, self.loss, self._sample)  # what the noise may see
+        self.rank, self.world = D.world()
         n = len(self.x)
-        n_eval = config.eval_images if 0 < config.eval_images < n else n
+        # Many processes: the images of all ranks; each rank's stream is its own (its batches, crops, flips).
+        self.n_total = int(D.all_reduce_sum(torch.tensor([n])).item()) if self.world > 1 else n
+        if self.world > 1:
+            if min(config.batch_size, self.n_total) < self.world:
+                raise ValueError(f"loop: batch_size {config.batch_size} splits over {self.world} processes only if it "
+                                 f"is at least {self.world} (and so must the images: {self.n_total})")
+        self.gen = torch.Generator().manual_seed(D.rank_seed(config.seed, self.rank))
+        self.view = LoopView(self.x, self.y, mask, self.gen, self.loss, self._sample, self.n_total)
+        n_eval = config.eval_images if 0 < config.eval_images < self.n_total else self.n_total
+        n_eval = min(n, D.share(n_eval, self.rank, self.world))  # this rank's part of the stop rule's subset
         # A fixed subset, drawn from its own stream so that it does not shift the loop's randomness.
         self.eval_idx = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 1))[:n_eval]
         self.round = 0
         self.history: list[RoundLog] = []
         self.stopped_because = ""
         self._new_surrogate()
+        if self.world > 1:
+            self.noise.synchronize()  # e.g. a generator's weights: rank 0's on every rank
         self.precision, self.precision_reason = self._choose_precision()
 
     # ----------------------------------------------------------------- pieces
@@ -155,12 +176,14 @@ class BiLevelTrainer:
         # Built on the CPU from the seeded CPU stream, then moved: the same weights on every device.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
         self.model = self.factory().to(self.device)
+        D.broadcast_module(self.model)  # many processes: rank 0's weights (the streams differ by rank)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.surrogate_lr)
 
     def _choose_precision(self) -> tuple[str, str]:
-        return choose_precision(self.cfg.precision, self.device, model=self.factory(),
-                                sample_shape=(min(self.cfg.batch_size, 64), *self.x.shape[1:]),
-                                num_classes=self.n_classes)
+        chosen = choose_precision(self.cfg.precision, self.device, model=self.factory(),
+                                  sample_shape=(min(self.cfg.batch_size, 64), *self.x.shape[1:]),
+                                  num_classes=self.n_classes)
+        return tuple(D.broadcast_object(chosen))  # many processes: rank 0's (a timed choice could differ)
 
     def autocast(self):
         return autocast(self.precision, self.device)
@@ -177,7 +200,18 @@ class BiLevelTrainer:
         return F.cross_entropy(out.float(), yb)
 
     def _sample(self) -> Tensor:
-        return torch.randint(0, len(self.x), (min(self.cfg.batch_size, len(self.x)),), generator=self.gen)
+        """A batch of indices into this rank's images: ``batch_size`` (at most all images), of which a
+        rank of many takes its share."""
+        size = min(self.cfg.batch_size, self.n_total)
+        if self.world > 1:
+            size = min(D.share(size, self.rank, self.world), len(self.x))
+        return torch.randint(0, len(self.x), (size,), generator=self.gen)
+
+    def _sync_surrogate(self, n_images: int) -> None:
+        """Many processes: the surrogate's gradients and BatchNorm statistics, averaged over the ranks
+        (weighted by their images in this step). One process: nothing."""
+        if self.world > 1:
+            D.average_gradients(self.model.parameters(), n_images, buffers=self.model.buffers())
 
     def surrogate_phase(self) -> float:
         self.model.train()
@@ -190,6 +224,7 @@ class BiLevelTrainer:
             loss = self.loss(x + delta, self.y[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            self._sync_surrogate(len(idx))
             self.opt.step()
         return float(loss.detach())
 
@@ -204,6 +239,9 @@ class BiLevelTrainer:
             xb = x + self.noise.delta(idx, x, self.y[idx], self.mask[idx])
             with self.autocast():
                 correct += (S.logits(self.model, xb).argmax(1) == self.y[idx]).sum()
+        if self.world > 1:  # every rank's subset: the same accuracy, hence the same stop decision, on every rank
+            both = D.all_reduce_sum(torch.stack([correct.cpu(), torch.tensor(len(self.eval_idx))]))
+            return int(both[0]) / max(1, int(both[1]))
         return int(correct) / len(self.eval_idx)
 
     # ----------------------------------------------------------------- loop
@@ -221,6 +259,8 @@ class BiLevelTrainer:
                 self.model.eval()
                 n_loss, n_images, extra = self.noise.optimize(self.view)
                 acc = self.perturbed_accuracy()
+                if self.world > 1:  # the log's losses: the ranks' mean; its images: all ranks'
+                    s_loss, n_loss, n_images = self._round_totals(s_loss, n_loss, n_images)
                 dt = time.perf_counter() - t0
                 entry = RoundLog(self.round, s_loss, n_loss, acc, dt, n_images / dt if dt > 0 else 0.0, extra)
                 self.history.append(entry)
@@ -242,9 +282,13 @@ class BiLevelTrainer:
             bar.close()
         return self.history
 
+    def _round_totals(self, s_loss: float, n_loss: float, n_images: int) -> tuple[float, float, int]:
+        t = D.all_reduce_sum(torch.tensor([s_loss, n_loss, float(n_images)], dtype=torch.float64))
+        return float(t[0]) / self.world, float(t[1]) / self.world, int(t[2])
+
     # ----------------------------------------------------------------- state
     def _write_log(self, entry: RoundLog) -> None:
-        if self.log_path is None:
+        if self.log_path is None or self.rank != 0:
             return
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(asdict(entry)) + "\n")
@@ -270,12 +314,50 @@ class BiLevelTrainer:
             return
         state = self.state_dict()
         state["finished"] = finished
+        if self.world > 1:
+            # Every rank's state (its images' noise and mask, its stream) on rank 0, which writes one file.
+            ranks = D.gather_objects(_to_cpu(state))
+            if self.rank != 0:
+                return
+            state = {"version": CHECKPOINT_VERSION, "config": state["config"], "settings": state["settings"],
+                     "world_size": self.world, "round": self.round, "finished": finished, "ranks": ranks}
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
 
     def load_checkpoint(self, path: str | Path) -> bool:
-        """Restore a checkpoint; returns whether that run had already finished."""
+        """Restore a checkpoint; returns whether that run had already finished. Many processes: rank 0
+        reads the file and hands every rank its own state (the same number of ranks as wrote it)."""
+        if self.world > 1:
+            return self._load_state(path, self._scatter_checkpoint(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+        ranks = state.get("world_size", 1)
+        if ranks != 1:
+            raise ValueError(f"{path}: the checkpoint was written by {ranks} processes; resume it with torchrun "
+                             f"--nproc-per-node (x nodes) = {ranks}, or start afresh")
+        return self._load_state(path, state)
+
+    def _scatter_checkpoint(self, path: str | Path) -> dict:
+        parts: list | None = None
+        if self.rank == 0:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                ranks = state.get("world_size", 1)
+                if state.get("version") != CHECKPOINT_VERSION:
+                    raise ValueError(f"{path}: checkpoint version {state.get('version')} is not "
+                                     f"{CHECKPOINT_VERSION}")
+                if ranks != self.world:
+                    raise ValueError(f"{path}: the checkpoint was written by {ranks} process(es), this run has "
+                                     f"{self.world}; resume with the same number or start afresh")
+                parts = list(state["ranks"])
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:  # every rank raises the same error
+                parts = [{"error": f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)}
+                         ] * self.world
+        state = D.scatter_objects(parts)
+        if "error" in state:
+            raise ValueError(state["error"])
+        return state
+
+    def _load_state(self, path: str | Path, state: dict) -> bool:
         if state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
         if state["config"] != asdict(self.cfg):
@@ -297,8 +379,19 @@ class BiLevelTrainer:
         self.precision, self.precision_reason = state["precision"]
         self.history = [RoundLog(**h) for h in state["history"]]
         self.stopped_because = state.get("stopped_because", "")
-        if self.log_path is not None:  # the log always matches the checkpoint it belongs to
+        if self.log_path is not None and self.rank == 0:  # the log always matches the checkpoint it belongs to
             lines = "".join(json.dumps(h) + "\n" for h in state["history"])
             with atomic_path(self.log_path) as tmp:
                 tmp.write_text(lines, encoding="utf-8")
         return bool(state.get("finished", False))
+
+
+def _to_cpu(obj):
+    """``obj`` with every tensor moved to the CPU (a rank's checkpoint state, before it is sent to rank 0)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

@@ -85,7 +85,24 @@ def parse_classes(text: str) -> list[int]:
 # ------------------------------------------------------------------------------ commands
 def cmd_protect(args) -> int:
     from .api import protect
+    from .distributed import barrier, init_from_env, is_main, shutdown
+    from .runtime import resolve_device
 
+    # Under torchrun (WORLD_SIZE > 1): join the job's process group; each rank protects a shard, rank 0 publishes.
+    many = init_from_env(resolve_device(args.device))
+    try:
+        status = _protect(args, protect, is_main())
+    except BaseException:
+        if many:  # no barrier: the other ranks may be inside a collective; torchrun stops them
+            shutdown()
+        raise
+    if many:  # every rank leaves together, once rank 0 has published
+        barrier()
+        shutdown()
+    return status
+
+
+def _protect(args, protect, main: bool) -> int:
     options = {} if args.rounds is None else {"rounds": args.rounds}
     for name in ("noise", "mask_refresh", "classes", "poison_ratio"):
         value = getattr(args, name)
@@ -98,6 +115,8 @@ def cmd_protect(args) -> int:
                      backend=args.backend, figure=not args.no_figure, keep_checkpoint=args.keep_checkpoint,
                      workdir=args.workdir, precision=args.precision, audit=not args.no_audit, resize=args.resize,
                      device=args.device, save_protector=args.save_protector, **options)
+    if not main:  # another rank of a torchrun job: rank 0 published and prints
+        return 0
     print(result.table())
     for split, budget in result.summary.get("stored_budget", {}).items():  # 16-bit / DICOM files: their own grid
         for bits, m in budget["per_bits"].items():

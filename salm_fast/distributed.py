@@ -10,8 +10,10 @@ same as before.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import math
 import os
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 import torch
 
@@ -116,6 +118,12 @@ def init_from_env(device: torch.device | str = "cpu", timeout_s: float = 1800.0)
     return dist.get_world_size() > 1
 
 
+def backend_name() -> str | None:
+    """The initialized group's backend (``gloo``, ``nccl``), None without one."""
+    dist = _dist()
+    return str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None
+
+
 def shutdown() -> None:
     """Destroy the process group if one is initialized (a no-op otherwise)."""
     dist = _dist()
@@ -201,6 +209,143 @@ def barrier() -> None:
         dist.barrier()
 
 
+def share(n: int, rank: int | None = None, size: int | None = None) -> int:
+    """How many of ``n`` items (images, a batch) rank ``rank`` of ``size`` takes: ``n // size``, plus one
+    for the first ``n % size`` ranks (the length of :func:`shard_indices`)."""
+    return len(shard_indices(n, rank, size))
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], weight: float,
+                      buffers: Iterable[torch.Tensor] = ()) -> None:
+    """Make every rank's gradients (and floating ``buffers``, e.g. BatchNorm running statistics) the
+    ``weight``-weighted mean over the ranks, in place, in one collective.
+
+    ``weight``: how many images this rank's gradient is the mean over (0: none this step; its
+    gradients are ignored). With per-rank means weighted by their batch sizes the result is the
+    mean gradient of the union of the ranks' batches: what one process computes on that batch.
+    A parameter whose gradient is None on every rank stays None (an optimizer then skips it, as
+    it would in one process). A no-op without a group."""
+    if not initialized():
+        return
+    params = [p for p in params if p.requires_grad]
+    buffers = [b for b in buffers if b.is_floating_point()]
+    if not params and not buffers:
+        return
+    dev = _comm_device()
+    w = float(weight)
+    pieces = []
+    for p in params:
+        g = p.grad
+        pieces.append((g.detach().reshape(-1).to(dev, torch.float64) * w) if g is not None and w > 0
+                      else torch.zeros(p.numel(), dtype=torch.float64, device=dev))
+    for b in buffers:
+        pieces.append(b.detach().reshape(-1).to(dev, torch.float64) * w)
+    flags = torch.tensor([1.0 if p.grad is not None and w > 0 else 0.0 for p in params] + [w], dtype=torch.float64,
+                         device=dev)
+    flat = torch.cat(pieces + [flags])
+    _dist().all_reduce(flat, op=_dist().ReduceOp.SUM)
+    total = float(flat[-1])
+    if total <= 0:
+        return  # no rank had an image: nothing to average (every rank agrees: the same sums)
+    has = flat[-1 - len(params):-1]
+    offset = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if has[i] > 0:
+            value = (flat[offset:offset + n] / total).view_as(p).to(p.device, p.dtype)
+            if p.grad is None:
+                p.grad = value
+            else:
+                p.grad.copy_(value)
+        else:
+            p.grad = None
+        offset += n
+    for b in buffers:
+        n = b.numel()
+        b.copy_((flat[offset:offset + n] / total).view_as(b).to(b.dtype))
+        offset += n
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place), e.g. after
+    building a model from a rank-dependent random stream. Returns the module; a no-op without a group."""
+    if not initialized():
+        return module
+    dist = _dist()
+    dev = _comm_device()
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            buf = t.detach().to(dev).clone()
+            dist.broadcast(buf, src=src)
+            t.copy_(buf.to(t.device))
+    return module
+
+
+def gather_rows(t: torch.Tensor, dst: int = 0, chunk_bytes: int = 64 << 20) -> torch.Tensor | None:
+    """Every rank's ``t`` concatenated along dim 0 in rank order, on rank ``dst`` (None on the others).
+
+    Ranks may hold different row counts (the other dimensions and the dtype must agree). Sent in
+    pieces of about ``chunk_bytes`` per rank, so no rank allocates more than one piece per rank beyond
+    the result. Without a group: ``t``."""
+    if not initialized():
+        return t
+    dist = _dist()
+    rank, size = world()
+    dev = _comm_device()
+    rows = [int(r) for r in all_gather_objects(int(t.shape[0]))]
+    row_bytes = max(1, t[:1].numel() * t.element_size()) if t.dim() else t.element_size()
+    per_piece = max(1, chunk_bytes // row_bytes)
+    pieces = math.ceil(max(rows) / per_piece) if max(rows) else 0
+    tail = tuple(t.shape[1:])
+    out = torch.empty((sum(rows), *tail), dtype=t.dtype) if rank == dst else None
+    offsets = [sum(rows[:r]) for r in range(size)]
+    for i in range(pieces):
+        lo = i * per_piece
+        part = t[lo:lo + per_piece].detach().to(dev)
+        buf = torch.zeros((per_piece, *tail), dtype=t.dtype, device=dev)
+        buf[:len(part)] = part
+        if rank == dst:
+            bufs = [torch.empty_like(buf) for _ in range(size)]
+            dist.gather(buf, bufs, dst=dst)
+            for r, b in enumerate(bufs):
+                m = max(0, min(per_piece, rows[r] - lo))
+                if m:
+                    out[offsets[r] + lo:offsets[r] + lo + m] = b[:m].cpu()
+        else:
+            dist.gather(buf, None, dst=dst)
+    return out if rank == dst else None
+
+
+def gather_objects(obj: T, dst: int = 0) -> list[T] | None:
+    """Every rank's ``obj`` (picklable) in rank order on rank ``dst``, None elsewhere. Without a group: ``[obj]``."""
+    if not initialized():
+        return [obj]
+    dist = _dist()
+    rank, size = world()
+    out: list[Any] | None = [None] * size if rank == dst else None
+    if dist.get_backend() == "nccl":  # nccl's object collectives need the current CUDA device
+        out_all = all_gather_objects(obj)
+        return out_all if rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def scatter_objects(objs: Sequence[T] | None, src: int = 0) -> T:
+    """Rank ``src`` holds one object per rank (``objs``, in rank order); each rank gets its own.
+    Without a group: ``objs[0]``."""
+    if not initialized():
+        assert objs is not None
+        return objs[0]
+    dist = _dist()
+    rank, size = world()
+    box: list[Any] = [None]
+    if rank == src:
+        if objs is None or len(objs) != size:
+            raise ValueError(f"scatter_objects: rank {src} must give {size} objects")
+    dist.scatter_object_list(box, list(objs) if rank == src else None, src=src)
+    return box[0]
+
+
 def shard_indices(n: int, rank: int | None = None, size: int | None = None) -> range:
     """The contiguous block of ``range(n)`` rank ``rank`` of ``size`` owns (the first ``n % size``
     ranks get one extra). Deterministic and covering ``range(n)`` exactly once, in order."""
@@ -211,20 +356,17 @@ def shard_indices(n: int, rank: int | None = None, size: int | None = None) -> r
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The random stream of rank ``rank`` of a run seeded ``seed``: ``seed`` itself on rank 0 (so one process
+    draws what it always drew), a distinct 63-bit number derived from both on the others."""
+    if rank == 0:
+        return int(seed)
+    digest = hashlib.sha256(f"salm-fast rank {rank} of seed {int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (agreed decisions). Single process: flag."""
     if not initialized():
         return bool(flag)
     return bool(all_reduce_sum(torch.tensor([1 if flag else 0], dtype=torch.int64)).item() > 0)
-
-
-def mean_over_ranks(values: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
-    """Weighted mean of per-rank statistics (e.g. correct / seen counts): every rank gets the same list."""
-    if not initialized():
-        if weights is None:
-            return [float(v) for v in values]
-    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
-    w = torch.tensor([1.0] * len(values) if weights is None else [float(x) for x in weights], dtype=torch.float64)
-    num = all_reduce_sum(v * w)
-    den = all_reduce_sum(w)
-    return [float(a / b) if b > 0 else 0.0 for a, b in zip(num.tolist(), den.tolist())]

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import distributed as D
 from . import ops
 from .data.view import pass_batch
 from .release import LEVELS, budget_levels, stored_steps
@@ -40,7 +41,8 @@ class LoopView:
     the noise may touch; the trainer replaces it on a refresh). ``gen`` is the loop's one seeded stream:
     every draw a noise makes comes from it, so a checkpoint resumes to the same bytes.
     ``loss(xb, yb)`` is the surrogate's loss on a batch (with the loop's augmentation);
-    ``sample()`` draws a batch of indices.
+    ``sample()`` draws a batch of indices. ``n_total``: the images of all ranks when many processes
+    share the loop (``torchrun``; ``x`` is then this rank's shard); in one process None or ``len(x)``.
     """
 
     x: Tensor
@@ -49,6 +51,7 @@ class LoopView:
     gen: torch.Generator
     loss: Callable[[Tensor, Tensor], Tensor]
     sample: Callable[[], Tensor]
+    n_total: int | None = None
 
 
 class Noise(ABC):
@@ -68,6 +71,10 @@ class Noise(ABC):
 
     def on_mask_change(self, x: Tensor, mask: Tensor) -> None:
         """The mask was refreshed: stored perturbations must move inside the new one."""
+
+    def synchronize(self) -> None:
+        """Many processes: make what the ranks share (a generator's weights) rank 0's. Per-image and
+        zero-initialized states need nothing (the default)."""
 
     @abstractmethod
     def state_dict(self) -> dict: ...
@@ -236,12 +243,27 @@ class ClassWiseNoise(Noise):
         loss = 0.0
         n = len(loop.x)
         order = torch.randperm(n, generator=loop.gen)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+        if D.initialized():
+            # Many processes: the class patterns are shared, so every rank takes the same number of batches
+            # (as many as one process over all images: this rank's share of each), and each step's gradient
+            # is the ranks' mean weighted by their images (a rank may have none in a step).
+            total = loop.n_total if loop.n_total is not None else n
+            batches = list(torch.tensor_split(order, math.ceil(total / self.batch_size)))
+        else:
+            batches = [order[start:start + self.batch_size] for start in range(0, n, self.batch_size)]
+        for idx in batches:
             xb, yb = loop.x[idx], loop.y[idx]
             mb = loop.mask[idx].to(xb.dtype)
             for _ in range(self.steps):
-                g, loss = self._pattern_grad(loop, xb, yb, mb)
+                p = self.patterns.detach().requires_grad_(True)
+                if len(idx):
+                    g, loss = self._pattern_grad(loop, xb, yb, mb)
+                else:
+                    g = torch.zeros_like(self.patterns)
+                if D.initialized():
+                    p.grad = g
+                    D.average_gradients([p], len(idx))
+                    g = p.grad if p.grad is not None else torch.zeros_like(self.patterns)
                 ops.pgd_step(self._grey, self.patterns, g, self._full, self.eps, self.step_size, self.sign,
                              out=self.patterns)
         return loss, n * self.steps, {}
@@ -281,9 +303,13 @@ class GeneratorNoise(Noise):
             loss = loop.loss(xb + self.delta(idx, xb, yb, loop.mask[idx]), yb)
             self.opt.zero_grad(set_to_none=True)
             (-self.sign * loss).backward()  # sign -1 minimizes the loss
+            D.average_gradients(self.net.parameters(), len(idx))  # many processes: the ranks' mean (else nothing)
             self.opt.step()
         self.net.eval()
         return float(loss.detach()), n_images, {}
+
+    def synchronize(self):
+        D.broadcast_module(self.net)
 
     def state_dict(self):
         return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}

@@ -10,6 +10,8 @@ made from uint8 on its device); the model must already be on that device. Masks 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,19 +51,39 @@ def batches(n: int, batch_size: int, gen: torch.Generator | None = None, shuffle
 
 def train_clean(model: nn.Module, x, y: Tensor, *, epochs: int, batch_size: int, lr: float,
                 gen: torch.Generator) -> float:
-    """Phase 1: a short Adam run on clean data; returns the last epoch's training accuracy."""
+    """Phase 1: a short Adam run on clean data; returns the last epoch's training accuracy.
+
+    Many processes (``torchrun``; ``x`` is this rank's shard): every rank takes as many steps per
+    epoch as one process would over all images, each on its share of the batch, with the gradients
+    (and BatchNorm statistics) averaged over the ranks before each step (:mod:`salm_fast.distributed`);
+    the model starts and stays the same on every rank, and the accuracy is over all images."""
+    from . import distributed as D
+
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
+    many = D.initialized()
+    total = int(D.all_reduce_sum(torch.tensor([len(x)])).item()) if many else len(x)
+    D.broadcast_module(model)
     correct = torch.zeros((), dtype=torch.int64, device=y.device)  # summed on the device: one sync per epoch
     for _ in range(epochs):
         correct.zero_()
-        for idx in batches(len(x), batch_size, gen):
-            out = logits(model, x[idx])
-            loss = F.cross_entropy(out, y[idx])
+        if many:  # the same number of steps on every rank; a step may find a rank without images
+            order = torch.randperm(len(x), generator=gen)
+            steps = torch.tensor_split(order, math.ceil(total / batch_size))
+        else:
+            steps = batches(len(x), batch_size, gen)
+        for idx in steps:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx):
+                out = logits(model, x[idx])
+                loss = F.cross_entropy(out, y[idx])
+                loss.backward()
+                correct += (out.argmax(1) == y[idx]).sum()
+            if many:
+                D.average_gradients(model.parameters(), len(idx), buffers=model.buffers())
             opt.step()
-            correct += (out.argmax(1) == y[idx]).sum()
+    if many:
+        return int(D.all_reduce_sum(correct.cpu().reshape(1)).item()) / max(1, total)
     return int(correct) / max(1, len(x))
 
 
@@ -93,6 +115,7 @@ def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1,
             s = F.avg_pool2d(s, window, stride=1, padding=window // 2, count_include_pad=False)
             mask[sl] = ops.topk_mask(s[:, 0], k, backend=backend)
     return mask
+
 
 
 def saliency_sums(model: nn.Module, x, y: Tensor, groups: Tensor, n_groups: int, *, p: int = 1,

@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .. import distributed as D
 from .. import ops
 from .. import surrogate as S
 from ..bilevel import BiLevelConfig, BiLevelTrainer
@@ -204,12 +205,13 @@ class Method(ABC):
         x, y, n_classes = self._check_inputs(x, y, n_classes, device)
         self.check_data((x.shape[2], x.shape[3]), n_classes)
         ctx = FitContext(Path(workdir) if workdir else None, resume, progress)
-        if ctx.workdir:
+        if ctx.workdir and D.is_main():  # many processes: rank 0 writes the log and the checkpoint
             ctx.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         cuda = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), flush_denormal():
             threads, threads_reason = self.choose_threads(x, n_classes)  # before the seed: it builds a model
+            threads, threads_reason = D.broadcast_object((threads, threads_reason))  # many processes: rank 0's
             with intra_op_threads(threads):
                 torch.manual_seed(self.seed)
                 result = self._fit(x if self.streams else x.full(), y, n_classes, ctx)
@@ -383,9 +385,10 @@ class BiLevelMethod(Method):
                                  settings=self.run_settings(x, y, n_classes), device=x.device)
         finished = False
         ckpt = ctx.path("checkpoint.pt")
-        if ctx.resume and ckpt is not None and ckpt.exists():
+        # Many processes: rank 0's file system decides (the others may not see the work folder).
+        if D.broadcast_object(ctx.resume and ckpt is not None and ckpt.exists()):
             finished = trainer.load_checkpoint(ckpt)
-        elif ctx.path("rounds.jsonl") is not None and ctx.path("rounds.jsonl").exists():
+        elif ctx.path("rounds.jsonl") is not None and ctx.path("rounds.jsonl").exists() and D.is_main():
             ctx.path("rounds.jsonl").unlink()  # a fresh run starts a fresh log
         if not finished:
             trainer.run()
