@@ -88,14 +88,15 @@ def train_clean(model: nn.Module, x, y: Tensor, *, epochs: int, batch_size: int,
 
 
 def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1, window: int = 1,
-                  batch_size: int = 512, backend: str | None = None) -> Tensor:
+                  batch_size: int = 512, backend: str | None = None, exclude: Tensor | None = None) -> Tensor:
     """Per-image top-K mask (N x 1 x H x W uint8, on the images' device) of the surrogate's
     input-gradient saliency. ``batch_size`` shrinks for large images (:func:`~salm_fast.data.view.pass_batch`).
 
     ``window`` > 1 ranks pixels by their *local* saliency, the mean over a window x window
     neighbourhood: the mask then covers compact important regions rather than isolated
     pixels, and a texture written there stays readable by a victim's small filters.
-    ``window`` = 1 is the fused gradient -> top-K kernel.
+    ``window`` = 1 is the fused gradient -> top-K kernel. ``exclude`` (N x 1 x H x W, nonzero = taken)
+    marks pixels that are never chosen (they rank below every other pixel).
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"saliency window must be an odd integer >= 1, got {window}")
@@ -108,11 +109,14 @@ def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1,
         xb = x[sl].clone().requires_grad_(True)
         loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
         (g,) = torch.autograd.grad(loss, xb)
-        if window == 1:
+        if window == 1 and exclude is None:
             mask[sl] = ops.saliency_topk_mask(g, k, p, backend=backend)
         else:
             s = ops.grad_magnitude(g, p, backend=backend).unsqueeze(1)
-            s = F.avg_pool2d(s, window, stride=1, padding=window // 2, count_include_pad=False)
+            if window > 1:
+                s = F.avg_pool2d(s, window, stride=1, padding=window // 2, count_include_pad=False)
+            if exclude is not None:  # saliency is >= 0: the excluded pixels rank last
+                s = s.masked_fill(exclude[sl].to(s.device) > 0, -1.0)
             mask[sl] = ops.topk_mask(s[:, 0], k, backend=backend)
     return mask
 

@@ -142,7 +142,7 @@ def test_the_default_seed_is_secret_and_not_in_the_summary(gray, tmp_path):
 
 
 # ------------------------------------------------------------------------------ protector state
-@pytest.mark.parametrize("mode", ["class", "image"])
+@pytest.mark.parametrize("mode", ["class", "image", "mixed"])
 def test_protector_state_loads_weights_only_and_protects_like_the_fitted_method(gray, mode):
     x, y = _xy(gray)
     m = SALM(EPS, k=0.2, mask=mode, seed=0, loop=loop(1), **FAST)

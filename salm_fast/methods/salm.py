@@ -49,7 +49,7 @@ from .base import FitContext, Protection, check_choice, check_int, check_number
 from .generator_em import GeneratorEM
 
 
-MASK_MODES = ("class", "global", "image")
+MASK_MODES = ("class", "global", "image", "mixed")
 PROTECTOR_FORMAT = 1
 
 
@@ -112,7 +112,7 @@ class SALM(GeneratorEM):
         if self.mask_mode != "image":
             h, w = image_shape
             k = ops.resolve_k(self.k, h * w)
-            blocks, fit = k // (self.cell * self.cell), (h // self.cell) * (w // self.cell)
+            blocks, fit = self.block_pixels(k) // (self.cell * self.cell), (h // self.cell) * (w // self.cell)
             if not 1 <= blocks <= fit:
                 raise ValueError(f"salm: k = {k} pixels holds {blocks} blocks of {self.cell} x {self.cell} "
                                  f"(mask={self.mask_mode}); 1 to {fit} fit in {h} x {w}: change k or cell")
@@ -138,17 +138,26 @@ class SALM(GeneratorEM):
 
     def groups(self, y: Tensor) -> Tensor:
         """Each image's mask group: its class (mask=class) or 0 (mask=global)."""
-        return y if self.mask_mode == "class" else torch.zeros_like(y)
+        return torch.zeros_like(y) if self.mask_mode == "global" else y
 
     def saliency(self, model, x, y, n_classes: int) -> Tensor:
         """N x 1 x H x W uint8: the mask of every image from ``model``'s saliency on ``x``."""
         if self.mask_mode == "image":
             return S.saliency_mask(model, x, y, self.k, p=self.saliency_p, window=self.saliency_window)
-        n_groups = n_classes if self.mask_mode == "class" else 1
+        n_groups = 1 if self.mask_mode == "global" else n_classes
         sums = S.saliency_sums(model, x, y, self.groups(y), n_groups, p=self.saliency_p)
         k = ops.resolve_k(self.k, x.shape[2] * x.shape[3])
-        self.group_masks = S.block_mask(sums, k, self.cell)
-        return self.group_masks[self.groups(y)]
+        self.group_masks = S.block_mask(sums, self.block_pixels(k), self.cell)
+        mask = self.group_masks[self.groups(y)]
+        if self.mask_mode == "mixed":  # the rest of K: each image's own most salient pixels
+            rest = k - int(self.group_masks[0].sum())
+            mask = mask | S.saliency_mask(model, x, y, rest, p=self.saliency_p, window=self.saliency_window,
+                                          exclude=mask)
+        return mask
+
+    def block_pixels(self, k: int) -> int:
+        """Pixels of K the shared blocks may take: all (class, global) or half (mixed)."""
+        return k // 2 if self.mask_mode == "mixed" else k
 
     def make_mask(self, x, y, n_classes, ctx: FitContext) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed)
@@ -177,16 +186,23 @@ class SALM(GeneratorEM):
         return {"mask_surrogate_accuracy": getattr(self, "mask_surrogate_accuracy", None)}
 
     def masks_for(self, x: Tensor, y: Tensor) -> Tensor:
-        """N x 1 x H x W uint8 masks of new images: their group's blocks, or (mask=image) the phase-1
-        surrogate's per-image saliency."""
+        """N x 1 x H x W uint8 masks of new images: their group's blocks (mask=class/global), the phase-1
+        surrogate's per-image saliency (mask=image), or both (mask=mixed)."""
+        shared = None
         if self.mask_mode != "image":
             if self.group_masks is None:
                 raise RuntimeError("salm: fit() first; there are no class masks")
-            return self.group_masks.to(x.device)[self.groups(y).to(x.device)]
+            shared = self.group_masks.to(x.device)[self.groups(y).to(x.device)]
+            if self.mask_mode != "mixed":
+                return shared
         if self.mask_model is None:
             raise RuntimeError("salm: fit() first; there is no surrogate for the saliency masks")
+        k = ops.resolve_k(self.k, x.shape[2] * x.shape[3])
+        rest = k if shared is None else k - int(self.group_masks[0].sum())
         with torch.enable_grad():
-            return S.saliency_mask(self.mask_model, x, y, self.k, p=self.saliency_p, window=self.saliency_window)
+            own = S.saliency_mask(self.mask_model, x, y, rest, p=self.saliency_p, window=self.saliency_window,
+                                  exclude=shared)
+        return own if shared is None else shared | own
 
     @torch.no_grad()
     def perturb(self, x: Tensor, y: Tensor, mask: Tensor | None = None, batch_size: int = 1024,
@@ -242,11 +258,11 @@ class SALM(GeneratorEM):
                           "code_shape": list(net.code.shape) if net.code is not None else None,
                           "state": {k: v.detach().cpu() for k, v in net.state_dict().items()}},
         }
-        if self.mask_mode == "image":
+        if self.mask_mode in ("image", "mixed"):
             model = self.mask_model
             state["surrogate"] = {"arch": self.surrogate_arch,
                                   "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-        else:
+        if self.mask_mode != "image":
             state["group_masks"] = self.group_masks.cpu()
         return state
 
@@ -263,7 +279,7 @@ class SALM(GeneratorEM):
         method.net = NoiseGenerator(g["channels"], g["n_classes"], state["eps"], width=g["width"], code=code)
         method.net.load_state_dict(g["state"])
         method.net.eval()
-        if state["mask"] == "image":
+        if state["mask"] in ("image", "mixed"):
             size = image_size if image_size is not None else (g["code_shape"][2] if code is not None else None)
             if size is None:
                 raise ValueError("salm: the image size is needed to rebuild the saliency surrogate")
@@ -271,6 +287,6 @@ class SALM(GeneratorEM):
             model = S.build_surrogate(method.surrogate_arch, g["channels"], g["n_classes"], size)
             model.load_state_dict(state["surrogate"]["state"])
             method.mask_model = model.eval()
-        else:
+        if state["mask"] != "image":
             method.group_masks = state["group_masks"].to(torch.uint8)
         return method
