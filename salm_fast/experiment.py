@@ -44,6 +44,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .data import Dataset, OutputInUseError, atomic_path, atomic_write_json, load_dataset, storage_to_nchw
+from .data.atomic import json_safe
+from .methods import make_method
 
 CLEAN = "clean"
 #: Grid-level options of a method spec (not the method's own): which splits the release perturbs.
@@ -287,8 +289,19 @@ class Grid:
 
     def release_key(self, dataset: str, method: MethodSpec, seed: int) -> dict[str, Any]:
         """Every setting that changes a release."""
-        return {"dataset": self.digest(dataset), "method": str(method), "eps": self.eps, "seed": seed,
-                "device": self.device.type}  # CUDA and CPU kernels round differently
+        return {"dataset": self.digest(dataset), "method": str(method), "resolved": self.resolved(method),
+                "eps": self.eps, "seed": seed, "device": self.device.type}  # CUDA and CPU kernels round differently
+
+    def resolved(self, method: MethodSpec) -> dict[str, Any] | None:
+        """The method's every option, defaults included: a changed default is a new release."""
+        if method.name == CLEAN:
+            return None
+        options = dict(method.options)
+        options.pop("splits", None)
+        eps = options.pop("eps", self.eps)
+        resolved = make_method(method.name, eps=eps, **options).options()
+        resolved.pop("seed", None)
+        return json_safe(resolved)
 
     def cell_key(self, cell: Cell) -> dict[str, Any]:
         """Every setting that changes a cell's result."""

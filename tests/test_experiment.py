@@ -199,6 +199,14 @@ def test_cache_keys_hash_every_setting_that_changes_a_result(tmp_path):
         changed = where(**other)
         assert changed[0] != cell and changed[1] != release, other
     assert where(data="c")[0].name == cell.name  # the content, not the path, names the data
+    from salm_fast.methods import SALM
+
+    SALM.default_k, saved = 0.1, SALM.default_k  # a changed default is a new release, not a stale cache
+    try:
+        changed = where()
+    finally:
+        SALM.default_k = saved
+    assert changed[0] != cell and changed[1] != release
 
 
 def test_purify_settings_key_the_purify_cells_only(tmp_path):

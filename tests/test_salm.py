@@ -114,7 +114,7 @@ def test_keyed_texture_is_a_secret_of_the_seed():
 
 
 def test_training_moves_the_released_bytes_and_code_only_does_not_train(gray, tmp_path):
-    kw = dict(eps=EPS, seed=7, splits="train", figure=False, audit=False, **FAST)
+    kw = dict(eps=EPS, seed=7, splits="train", figure=False, audit=False, code_scale=1.5, **FAST)
     code_only = protect(gray, "salm", out=tmp_path / "a", train=False, **kw)
     trained = protect(gray, "salm", out=tmp_path / "b", loop=loop(3), generator_lr=1e-2, **kw)
     a = load_medmnist(code_only.release_path)["train"].images.astype(np.int16)
@@ -123,11 +123,20 @@ def test_training_moves_the_released_bytes_and_code_only_does_not_train(gray, tm
     on = (a != clean) | (b != clean)
     assert np.abs(a - clean).max() <= budget_levels(EPS) and np.abs(b - clean).max() <= budget_levels(EPS)
     assert (a != b)[on].mean() > 0.05  # training changed a real share of the perturbed pixels
-    # the code-only release is the keyed code on the mask: +-eps * tanh(1.5) = 7.2 levels, where [0, 255]
-    # does not clip it
+    # the code-only release is the keyed code on the mask: +-eps * tanh(1.5) = 7.2 levels, stored as 7, where
+    # [0, 255] does not clip it
     inside = on & (clean >= 8) & (clean <= 247)
     assert inside.any() and set(np.unique(np.abs((a - clean)[inside]))) <= {0, 7}
     assert (np.abs((a - clean)[inside]) == 7).mean() > 0.9
+
+
+def test_the_default_code_is_stored_at_the_full_budget(gray, tmp_path):
+    r = protect(gray, "salm", out=tmp_path, eps=EPS, seed=7, splits="train", figure=False, audit=False, train=False,
+                mask_epochs=1)
+    a = load_medmnist(r.release_path)["train"].images.astype(np.int16)
+    clean = gray["train"].images.astype(np.int16)
+    inside = (a != clean) & (clean >= 8) & (clean <= 247)  # eps * tanh(2) = 7.7 levels -> 8
+    assert inside.any() and set(np.unique(np.abs((a - clean)[inside]))) == {8}
 
 
 def test_the_default_seed_is_secret_and_not_in_the_summary(gray, tmp_path):
