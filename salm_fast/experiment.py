@@ -289,13 +289,14 @@ class Grid:
 
     def release_key(self, dataset: str, method: MethodSpec, seed: int) -> dict[str, Any]:
         """Every setting that changes a release."""
-        return {"dataset": self.digest(dataset), "method": str(method), "resolved": self.resolved(method),
-                "eps": self.eps, "seed": seed, "device": self.device.type}  # CUDA and CPU kernels round differently
+        key = {"dataset": self.digest(dataset), "method": str(method), "eps": self.eps, "seed": seed,
+               "device": self.device.type}  # CUDA and CPU kernels round differently
+        if method.name != CLEAN:
+            key["resolved"] = self.resolved(method)
+        return key
 
-    def resolved(self, method: MethodSpec) -> dict[str, Any] | None:
+    def resolved(self, method: MethodSpec) -> dict[str, Any]:
         """The method's every option, defaults included: a changed default is a new release."""
-        if method.name == CLEAN:
-            return None
         options = dict(method.options)
         options.pop("splits", None)
         eps = options.pop("eps", self.eps)

@@ -114,7 +114,7 @@ def test_every_method_holds_its_budget_in_float_and_in_the_stored_release(case, 
     if case == "random":  # unmasked uniform noise: every image changes
         assert (per_image > 0).all()
     if k is not None:  # masked methods: exactly k ones per image (every image selected by default); SALM's
-        # default class masks: the whole 4 x 4 blocks that fit in k
+        # default global mask: the whole 4 x 4 blocks that fit in k
         ones = (k // 16) * 16 if case in ("salm", "salm-pgd") else k
         assert torch.equal(res.mask.flatten(1).sum(1), torch.full((len(x),), float(ones)))
         assert bool((res.delta * (1 - res.mask) == 0).all())  # nothing off the mask

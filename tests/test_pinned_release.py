@@ -36,8 +36,8 @@ MACHINE_INDEPENDENT = {"random": "a5d92b30a03d65b3"}
 #: First 16 hex digits of sha256(train images of the release), per CPU capability.
 PINNED = {
     "AVX512/amx": {"samplewise": "700025c0392ce414", "classwise": "7e3bdbd93f1a131e"},
-    "AVX512/no-amx": {"samplewise": "670ef7d2e6a6fb10", "classwise": "db35629447b7fcd0", "salm": "656e960e9cbd19de",
-                      "salm_pgd": "31b81527da0a9d6e"},
+    "AVX512/no-amx": {"samplewise": "670ef7d2e6a6fb10", "classwise": "db35629447b7fcd0", "salm": "34182d3ada904146",
+                      "salm_pgd": "3c9b618081654865"},
 }
 
 
