@@ -10,15 +10,21 @@ round, one surrogate step per round; SALM: one epoch of mask training and one ge
 methods (samplewise, classwise): one PGD step per batch over the whole set: memory depends on the data
 and the batch, not on how many steps run) on a MedMNIST-style ``.npz`` written beforehand by another
 process, and reports its own peak resident set (``VmHWM`` of ``/proc/self/status``, which
-counts anonymous memory and the pages of memory-mapped files alike). Columns:
+counts anonymous memory and the pages of memory-mapped files alike), and the peak of its anonymous
+memory alone (``RssAnon``, sampled every 20 ms by a thread: the memory-mapped data is not in it).
+Columns:
 
 * ``baseline``: resident after importing torch and salm_fast, before the data is opened;
 * ``data``: the images in the file (uint8, all splits), ``release``: the perturbed split's release
-  bytes (uint8; a protection must hold them before it writes them);
-* ``beyond data``: peak - baseline - data - release: what the protection itself holds (models,
-  batches, masks, noise, temporaries). The target is <= 2 GiB and flat in n;
-* ``per 1000 images``: how ``beyond data`` grows with n (between the smallest and largest n of a method):
-  the per-image state a method keeps (SALM's uint8 mask, a sample-wise noise's int8 levels).
+  bytes (uint8), which the protection holds in memory before it writes them;
+* ``beyond data``: peak - baseline - data: what the protection itself holds (models, batches, masks,
+  noise, the release arrays, temporaries), at most (the data's pages need not all be resident at the
+  peak). The target is <= 2 GiB and flat in n;
+* ``peak anon``: the sampled peak of anonymous memory less its baseline: the same, without any page
+  of the data file;
+* ``growth``: how ``beyond data`` grows per train image between the smallest and largest n of a method:
+  the per-image state a method keeps (the release arrays, SALM's uint8 mask, a sample-wise noise's
+  int8 levels).
 
 The file is written uncompressed (``np.savez``), so the current code memory-maps it; a version that
 reads it whole holds the same bytes in anonymous memory instead. The audit that ``protect`` runs by
@@ -58,13 +64,19 @@ print(sum(ds[s].images.nbytes for s in ds.splits), ds["train"].images.nbytes)
 
 #: The measured process: one protection, then its own peak resident set.
 PROTECT = r"""
-import inspect, json, sys, time
+import inspect, json, sys, threading, time
 
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return None
+
+peak_anon, done = [0], threading.Event()
+def sample():  # RssAnon has no high-water mark of its own
+    while not done.is_set():
+        peak_anon[0] = max(peak_anon[0], status("RssAnon") or 0)
+        done.wait(0.02)
 
 import torch
 import salm_fast
@@ -73,7 +85,8 @@ from salm_fast.bilevel import BiLevelConfig
 from salm_fast.methods import SALM
 cfg = json.loads(sys.argv[1])
 torch.set_num_threads(cfg["threads"])
-baseline = status("VmRSS")
+baseline, baseline_anon = status("VmRSS"), status("RssAnon")
+threading.Thread(target=sample, daemon=True).start()
 params = inspect.signature(protect).parameters
 extra = {k: v for k, v in (("audit", False), ("device", "cpu")) if k in params}
 method = cfg.get("method", "salm")
@@ -90,7 +103,9 @@ loop = BiLevelConfig(max_rounds=cfg["rounds"], min_rounds=1, surrogate_steps=1, 
 t0 = time.perf_counter()
 r = protect(cfg["data"], method, out=cfg["out"], eps=8 / 255, seed=0, splits="train", loop=loop, **extra)
 info = r.summary.get("protection") or {}
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "seconds": time.perf_counter() - t0,
+done.set()
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "baseline_anon": baseline_anon,
+                  "peak_anon": peak_anon[0], "seconds": time.perf_counter() - t0,
                   "precision": r.summary["precision"]["used"], "salm_fast": salm_fast.__file__,
                   "images": r.summary["images"],
                   "noise_storage": info.get("noise_storage")}))
@@ -125,14 +140,16 @@ def measure(n: int, size: int, channels: int, *, rounds: int, batch_size: int, t
         log(f"{method} n={n}: failed: {tail[0]}")
         return row
     res = json.loads(run.stdout.strip().splitlines()[-1])
-    beyond = res["peak"] - res["baseline"] - data_bytes - train_bytes
+    beyond = res["peak"] - res["baseline"] - data_bytes
+    anon = res["peak_anon"] - res["baseline_anon"] if res.get("peak_anon") else None
     row = {"n": n, "size": size, "channels": channels, "method": method, "noise_storage": res.get("noise_storage"),
            "train_images": res["images"], "data_bytes": data_bytes,
            "release_bytes": train_bytes, "baseline_bytes": res["baseline"], "peak_bytes": res["peak"],
-           "beyond_data_bytes": beyond, "seconds": res["seconds"], "precision": res["precision"],
+           "beyond_data_bytes": beyond, "peak_anon_bytes": anon, "seconds": res["seconds"], "precision": res["precision"],
            "code": str(Path(res["salm_fast"]).parent.parent)}
     log(f"{method} n={n}: peak {res['peak'] / MIB:.0f} MiB (baseline {res['baseline'] / MIB:.0f}, data {data_bytes / MIB:.0f}, "
-        f"release {train_bytes / MIB:.0f}) -> beyond data {beyond / MIB:.0f} MiB, {res['seconds']:.0f} s")
+        f"release {train_bytes / MIB:.0f}) -> beyond data {beyond / MIB:.0f} MiB, anonymous "
+        f"{(anon or 0) / MIB:.0f} MiB, {res['seconds']:.0f} s")
     return row
 
 
@@ -173,25 +190,27 @@ def markdown(result: dict) -> str:
         f"classwise: one PGD step per batch over the whole set), batch {c['batch_size']} (loop and mask training), "
         f"{c['threads']} thread(s), synthetic {c['size']} px, {c['channels']} channel(s), perturbing the train "
         "split (70% of n), read from an uncompressed .npz; audit off. Peak = VmHWM of the protecting process. "
-        "beyond data = peak - baseline - data - release (MiB); growth = how beyond data grows per train image "
+        "beyond data = peak - baseline - data (MiB; the release arrays count); peak anon = the sampled peak of "
+        "anonymous memory (no page of the data file) less its baseline; growth = how beyond data grows per "
+        "train image "
         f"between the smallest and the largest n (KiB; flat: under {FLAT_BYTES_PER_IMAGE // 1024} KiB); load = "
         "the 1-minute load average when the row started.",
         "",
         "| code | method | noise | n | train images | data MiB | release MiB | baseline MiB | peak MiB "
-        "| beyond data MiB | growth KiB/image | load | s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| beyond data MiB | peak anon MiB | growth KiB/image | load | s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in sorted(result["rows"], key=lambda r: (str(r.get("label")), r.get("method", "salm"), r["n"])):
         head = f"| {r.get('label', '')} | {r.get('method', 'salm')} | {r.get('noise_storage') or '-'} | {r['n']} "
         if "error" in r:
-            lines.append(head + f"| failed: {r['error']} | | | | | | | | |")
+            lines.append(head + f"| failed: {r['error']} | | | | | | | | | |")
             continue
         slope = slopes.get(_key(r))
         flat = "" if slope is None else f"{slope / 1024:.1f} ({'flat' if slope < FLAT_BYTES_PER_IMAGE else 'grows'})"
-        load = r.get("load_average")
+        load, anon = r.get("load_average"), r.get("peak_anon_bytes")
         lines.append(head + f"| {r['train_images']} | {r['data_bytes'] / MIB:.0f} "
                      f"| {r['release_bytes'] / MIB:.0f} | {r['baseline_bytes'] / MIB:.0f} | {r['peak_bytes'] / MIB:.0f} "
-                     f"| {r['beyond_data_bytes'] / MIB:.0f} | {flat} | {'' if load is None else f'{load:.1f}'} "
+                     f"| {r['beyond_data_bytes'] / MIB:.0f} | {'' if anon is None else f'{anon / MIB:.0f}'} | {flat} | {'' if load is None else f'{load:.1f}'} "
                      f"| {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
