@@ -315,8 +315,8 @@ class Fitted:
     ``release``: per perturbed split, its images as released (uint8, in storage layout like the
     input's). The float perturbation is not kept whole: ``protection.batches()`` remakes it."""
 
-    protection: Protection
-    release: dict[str, np.ndarray]
+    protection: Protection | None  # None on a rank of many that fitted nothing (rank 0 fitted alone)
+    release: dict[str, np.ndarray]  # empty on the ranks of many other than 0
     counts: list[int]  # images per perturbed split, in the plan's order
     seconds: float
 
@@ -401,9 +401,17 @@ def fit(job: ProtectPlan) -> Fitted:
     """Run the method on the plan's splits on the plan's device; the checkpoint and round log go to the
     work folder. The images stay uint8 as stored (float batches are made on the device), and the release
     is quantized batch by batch into storage-layout arrays. Many processes (``torchrun``): each rank fits
-    its shard and rank 0 gathers the release (:func:`_fit_shard`)."""
+    its shard and rank 0 gathers the release (:func:`_fit_shard`), or, for a method that is not
+    data-parallel (``Method.shardable`` False: random, ops, lsp, tap), rank 0 fits all images alone."""
     if D.initialized():
-        return _fit_shard(job)
+        if job.method.shardable:
+            return _fit_shard(job)
+        if not D.is_main():  # rank 0 fits every image alone (e.g. a per-class statistic over all of them)
+            return Fitted(None, {}, [len(job.data[s]) for s in job.splits], 0.0)
+        with D.alone():
+            fitted = fit(job)
+        fitted.protection.info["processes"] = 1
+        return fitted
     ds = job.data
     counts = [len(ds[s]) for s in job.splits]
     images = ImageView([ds[s].images for s in job.splits], job.device)

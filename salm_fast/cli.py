@@ -85,20 +85,16 @@ def parse_classes(text: str) -> list[int]:
 # ------------------------------------------------------------------------------ commands
 def cmd_protect(args) -> int:
     from .api import protect
-    from .distributed import barrier, init_from_env, is_main, shutdown
+    from .distributed import finish, init_from_env, is_main
     from .runtime import resolve_device
 
     # Under torchrun (WORLD_SIZE > 1): join the job's process group; each rank protects a shard, rank 0 publishes.
+    # A rank that fails raises as usual (one error line, exit 2): torchrun then stops the others, which may be
+    # inside a collective (so no barrier and no group teardown on that path).
     many = init_from_env(resolve_device(args.device))
-    try:
-        status = _protect(args, protect, is_main())
-    except BaseException:
-        if many:  # no barrier: the other ranks may be inside a collective; torchrun stops them
-            shutdown()
-        raise
-    if many:  # every rank leaves together, once rank 0 has published
-        barrier()
-        shutdown()
+    status = _protect(args, protect, is_main())
+    if many:  # every rank leaves together, once rank 0 has published (salm_fast.distributed.finish)
+        finish(status)
     return status
 
 

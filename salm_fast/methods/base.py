@@ -144,6 +144,9 @@ class Method(ABC):
     #: True: ``_fit`` takes an :class:`~salm_fast.data.view.ImageView` and may return a streamed
     #: :class:`Protection`; False: it gets the float images as one tensor.
     streams: ClassVar[bool] = False
+    #: True: data-parallel under ``torchrun`` (each rank fits a shard of the images; whatever the ranks share
+    #: is kept identical through :mod:`salm_fast.distributed`); False: rank 0 fits all images alone.
+    shardable: ClassVar[bool] = False
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     norm: ClassVar[str] = "Linf"
@@ -211,7 +214,8 @@ class Method(ABC):
         cuda = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), flush_denormal():
             threads, threads_reason = self.choose_threads(x, n_classes)  # before the seed: it builds a model
-            threads, threads_reason = D.broadcast_object((threads, threads_reason))  # many processes: rank 0's
+            if self.shardable:  # many processes fit together: rank 0's choice
+                threads, threads_reason = D.broadcast_object((threads, threads_reason))
             with intra_op_threads(threads):
                 torch.manual_seed(self.seed)
                 result = self._fit(x if self.streams else x.full(), y, n_classes, ctx)
@@ -304,6 +308,7 @@ class BiLevelMethod(Method):
     """
 
     streams = True
+    shardable = True
     surrogate_arch: str = S.DEFAULT_SURROGATE
 
     def __init__(self, eps: float | str | None = None, *, seed: int = 0, k: int | float | None = None,
