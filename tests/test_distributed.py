@@ -191,10 +191,50 @@ def two_process_releases(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     script = root / "protect_jobs.py"
     script.write_text(PROTECT)
-    res = run(protect_jobs(script, [job(root, name, m, seed) for name, (m, seed) in JOBS.items()]))
-    for name in JOBS:  # rank 0 returns the release; rank 1 returns after its share, with nothing to show
+    jobs = [job(root, name, m, seed) for name, (m, seed) in JOBS.items()]
+    jobs.append({**job(root, "folder16", "salm", 5), "data": str(folder16(root / "folder16-in"))})
+    res = run(protect_jobs(script, jobs))
+    for name in [*JOBS, "folder16"]:  # rank 0 returns the release; rank 1 returns after its share, with nothing to show
         assert f"rank 0 {root / name} False False" in res.stdout and f"rank 1 {root / name} True True" in res.stdout
     return root
+
+
+def folder16(folder: Path) -> Path:
+    """A 16-bit grayscale PNG folder (labels.csv with splits): released file for file at its own depth."""
+    from PIL import Image
+
+    from salm_fast.data import make_synthetic
+
+    ds = make_synthetic(n_train=24, n_val=4, n_test=4, seed=1)
+    folder.mkdir()
+    rows = ["filename,label,split"]
+    for split in ds.splits:
+        for i, (im, label) in enumerate(zip(ds[split].images, ds[split].labels[:, 0])):
+            Image.fromarray(im.astype(np.uint16) * 257 + 3).save(folder / f"{split}{i}.png")
+            rows.append(f"{split}{i}.png,{label},{split}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_two_process_release_of_a_16_bit_folder(two_process_releases):
+    """An image folder goes back file for file onto each file's own grid: the float perturbation is gathered."""
+    from PIL import Image
+
+    src, out = two_process_releases / "folder16-in", two_process_releases / "folder16" / "images"
+    names = sorted(p.name for p in src.glob("*.png"))
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    levels = int(EPS * 65535)
+    changed = 0
+    for name in names:
+        a = np.asarray(Image.open(src / name)).astype(np.int64)
+        b = np.asarray(Image.open(out / name)).astype(np.int64)
+        assert b.shape == a.shape and np.abs(b - a).max() <= levels
+        changed += int((a != b).any())
+    assert changed == len(names)
+    summary = json.loads((two_process_releases / "folder16" / "summary.json").read_text())
+    assert summary["protection"]["processes"] == 2
+    assert all(b["per_bits"]["16"]["linf_levels"] <= b["per_bits"]["16"]["budget_levels"]
+               for b in summary["stored_budget"].values())
 
 
 def release_of(out: Path) -> dict[str, np.ndarray]:
