@@ -51,6 +51,12 @@ def _apply_half(argv: Sequence[str]) -> int:
     return apply_half.main(argv)
 
 
+def _dist(argv: Sequence[str]) -> int:
+    from bench import dist
+
+    return dist.main(argv)
+
+
 #: name -> (one-line help, entry point taking the remaining argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "kernels": ("fused ops: eager PyTorch vs the torch reference vs the native backend", _kernels),
@@ -60,6 +66,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "memory": ("peak memory of a protection vs the size of the data set (streamed data)", _memory),
     "gpu": ("CUDA: Triton vs eager vs copy bandwidth per op, end-to-end protection images/s", _gpu),
     "apply_half": ("PneumoniaMNIST: half protected, half by apply (saved protector), vs all protected", _apply_half),
+    "dist": ("many processes: protect on 1 process vs N under torchrun, one thread each", _dist),
 }
 
 

@@ -401,3 +401,21 @@ def test_victim_auc_of_a_two_process_release_matches_one_process(two_process_rel
         auc[name], clean = res.protection_auc("release"), res.protection_auc("clean")
         assert auc[name] <= clean - 0.1, (name, auc[name], clean)
     assert abs(auc["two"] - auc["one"]) <= 0.05, auc
+
+
+def test_bench_dist_table_from_runs():
+    """python -m bench dist: medians per process count, speed-ups against 1 process, one markdown row each."""
+    sys.path.insert(0, str(REPO))
+    from bench import dist
+
+    runs = [{"nproc": n, "wall_s": w, "fit_s": f, "cpu_s": c, "load_1min": 1.0, "rounds": 5, "surrogate_accuracy": 0.9,
+             "linf_levels": 8, "l0_max": 144, "precision": "fp32", "images": 2000}
+            for n, w, f, c in ((1, 100.0, 90.0, 95.0), (2, 50.0, 40.0, 100.0), (1, 110.0, 92.0, 96.0),
+                               (2, 60.0, 45.0, 101.0))]
+    rows = dist.summarize(runs, [2])
+    assert [r["nproc"] for r in rows] == [1, 2]
+    assert rows[0]["wall_s"] == 105.0 and rows[1]["wall_s"] == 55.0 and rows[1]["speedup_wall"] == 105.0 / 55.0
+    table = dist.markdown({"command": "python -m bench dist", "date": "d", "git_commit": "c", "machine": "m", "cores": 2,
+                           "config": {"data": "synthetic:n=2000", "method": "salm", "rounds": 5, "precision": "fp32",
+                                      "repeats": 2}, "rows": rows})
+    assert "| 2 | 55.0 | 1.91x |" in table and table.count("\n| ") == 3  # header + 2 rows
