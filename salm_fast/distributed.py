@@ -21,9 +21,6 @@ import torch
 
 T = TypeVar("T")
 
-_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def _dist():
     import torch.distributed as dist
     return dist
