@@ -405,3 +405,17 @@ def test_classwise_gradient_of_a_large_batch_is_taken_in_parts(monkeypatch):
     g_parts, l_parts = noise._pattern_grad(loop, x, y, mask)
     assert torch.allclose(g_parts, g_whole, rtol=1e-3, atol=1e-5 * float(g_whole.abs().max()))  # float rounding
     assert l_parts == pytest.approx(l_whole, rel=1e-5)
+
+
+def test_an_unmasked_method_keeps_no_per_image_mask():
+    """samplewise / classwise / generator perturb every pixel: their mask is one image's ones expanded to N."""
+    u8 = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    y = torch.arange(40) % 2
+    loop = BiLevelConfig(max_rounds=1, surrogate_steps=1, batch_size=16)
+    protection = make_method("samplewise", eps=EPS, steps=1, loop=loop).fit(ImageView(u8), y, 2)
+    mask = protection.mask
+    assert mask.shape == (40, 1, 28, 28) and mask.dtype == torch.uint8 and bool((mask == 1).all())
+    assert mask.untyped_storage().nbytes() == 28 * 28  # not 40 images' worth
+    for sl, d in protection.batches(limit=16):
+        x = u8[sl].float() / 255
+        assert float(d.abs().max()) <= EPS and float((x + d).min()) >= 0 and float((x + d).max()) <= 1
