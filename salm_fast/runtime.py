@@ -121,7 +121,7 @@ def calibrate_bf16(model: nn.Module | None = None, *, in_channels: int = 1, imag
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if model is None:
-            from ..models import build_model
+            from .models import build_model
             model = build_model("cnn", in_channels, num_classes, image_size)
         else:
             model = copy.deepcopy(model)
