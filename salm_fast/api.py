@@ -114,6 +114,27 @@ def describe_k(k: int | float, hw: int) -> str:
     return f"{pixels} of {hw} pixels"
 
 
+def summary_table(s: dict[str, Any], head: list[tuple[str, str]], extra: list[tuple[str, str]],
+                  release_path: Path) -> str:
+    """The table protect and apply print: ``head`` rows, the splits, the budget on the stored bytes,
+    quality, ``extra`` rows, time and the release file."""
+    b = s["budget"]
+    k = s["options"].get("k")
+    rows = [*head, ("perturbed splits", ", ".join(s["splits"])), ("images", str(s["images"])),
+            ("L-inf (stored bytes)", f"{b['linf_levels']}/255 (budget {s['budget_levels']}/255)"),
+            *([("K (L0 budget)", describe_k(k, math.prod(s["dataset"]["image_shape"][:2])))] if k is not None else []),
+            ("L0 (pixels changed)", f"{b['l0_fraction']:.3f} of pixels, <= {b['l0_max_per_image']} per image"),
+            *([("L2 (stored bytes)", f"{b['l2_max']:.3f} per image (max)" + (
+                f", budget {b['l2_budget']:.3f}" if b.get("l2_budget") is not None else ""))]
+              if "l2_max" in b else []),
+            ("PSNR / SSIM", f"{s['quality']['psnr_db']:.1f} dB / {s['quality']['ssim']:.4f}"),
+            *extra,
+            ("time", f"{s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s)"),
+            ("release", str(release_path))]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def describe_eps(eps: float) -> str:
     """'8/255' for a whole number of 8-bit levels, else the fraction ('0.0314')."""
     levels = budget_levels(eps)
@@ -463,22 +484,9 @@ class ProtectResult:
 
     def table(self) -> str:
         s = self.summary
-        b = s["budget"]
-        rows = [("method", s["method"]), ("perturbed splits", ", ".join(s["splits"])),
-                ("images", str(s["images"])),
-                ("L-inf (stored bytes)", f"{b['linf_levels']}/255 (budget {s['budget_levels']}/255)"),
-                *([("K (L0 budget)", describe_k(s["options"]["k"], math.prod(s["dataset"]["image_shape"][:2])))]
-                  if s["options"].get("k") is not None else []),
-                ("L0 (pixels changed)", f"{b['l0_fraction']:.3f} of pixels, <= {b['l0_max_per_image']} per image"),
-                *([("L2 (stored bytes)", f"{b['l2_max']:.3f} per image (max)" + (
-                    f", budget {b['l2_budget']:.3f}" if b.get("l2_budget") is not None else ""))]
-                  if "l2_max" in b else []),
-                ("PSNR / SSIM", f"{s['quality']['psnr_db']:.1f} dB / {s['quality']['ssim']:.4f}"),
-                ("precision", f"{s['precision']['used']} (requested {s['precision']['requested']})"),
-                ("time", f"{s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s)"),
-                ("release", str(self.release_path))]
-        width = max(len(r[0]) for r in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        return summary_table(s, [("method", s["method"])], [
+            ("precision", f"{s['precision']['used']} (requested {s['precision']['requested']})")],
+            self.release_path)
 
 
 def _release(job: ProtectPlan, fitted: Fitted) -> tuple[Dataset, dict[str, dict]]:

@@ -309,20 +309,11 @@ class ApplyResult:
     summary: dict[str, Any]
 
     def table(self) -> str:
-        from .api import describe_k
+        from .api import summary_table
 
-        s, b = self.summary, self.summary["budget"]
-        k, (h, w) = s["options"].get("k"), s["dataset"]["image_shape"]
-        rows = [("method", f"{s['method']} (protector fit on {s['protector']['fit_images']} images)"),
-                ("perturbed splits", ", ".join(s["splits"])), ("images", str(s["images"])),
-                ("L-inf (stored bytes)", f"{b['linf_levels']}/255 (budget {s['budget_levels']}/255)"),
-                *([("K (L0 budget)", describe_k(k, h * w))] if k is not None else []),
-                ("L0 (pixels changed)", f"{b['l0_fraction']:.3f} of pixels, <= {b['l0_max_per_image']} per image"),
-                ("PSNR / SSIM", f"{s['quality']['psnr_db']:.1f} dB / {s['quality']['ssim']:.4f}"),
-                ("time", f"{s['seconds']:.1f} s ({s['images_per_second']:.0f} images/s)"),
-                ("release", str(self.release_path))]
-        width = max(len(r[0]) for r in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+        s = self.summary
+        return summary_table(s, [("method", f"{s['method']} (protector fit on {s['protector']['fit_images']} images)")],
+                             [], self.release_path)
 
 
 def _check_data(prot: Protector, ds: Dataset, splits: Sequence[str]) -> None:
