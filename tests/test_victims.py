@@ -338,6 +338,29 @@ def test_precision_choice_is_valid_and_explained():
         choose_precision("fp16")
 
 
+def test_bf16_calibration_runs_on_one_thread_and_is_cached(monkeypatch):
+    """The bf16 / fp32 ratio is measured on one thread (contending threads on a shared CPU made it a coin
+    flip, see salm_fast.runtime), whatever the caller's count, which is restored."""
+    import salm_fast.runtime as runtime
+
+    seen = []
+
+    def fake(model, **kw):
+        seen.append((torch.get_num_threads(), kw.get("steps", runtime.BF16_CALIBRATION_STEPS)))
+        return {"fp32_img_s": 100.0, "bf16_img_s": 180.0, "speedup": 1.8, "loss_rel_diff": 1e-6}
+
+    monkeypatch.setattr(runtime, "calibrate_bf16", fake)
+    monkeypatch.setattr(runtime, "cpu_features", lambda: {"amx": False, "avx512_bf16": True, "capability": "AVX512"})
+    monkeypatch.setattr(runtime, "_calibration_cache", {})
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(7 * 7, 2))
+    with runtime.intra_op_threads(2):
+        p, reason = runtime.choose_precision("auto", model=model, sample_shape=(32, 1, 7, 7))
+        assert torch.get_num_threads() == 2
+        assert runtime.choose_precision("auto", model=model, sample_shape=(32, 1, 7, 7))[0] == "bf16"
+    assert p == "bf16" and "1 thread" in reason and "1.80x" in reason
+    assert seen == [(1, runtime.BF16_CALIBRATION_STEPS)]  # once: the second choice came from the cache
+
+
 def test_default_batch_shrinks_on_small_training_sets():
     from salm_fast.victims.train import MIN_STEPS_PER_EPOCH, VICTIM_DEFAULTS
 
