@@ -159,7 +159,8 @@ FLAT_BYTES_PER_IMAGE = 2048
 
 
 def _key(r: dict) -> tuple:
-    return (r.get("label"), r.get("method", "salm"), r.get("noise_storage"), r.get("size"), r.get("channels"))
+    return (r.get("label"), r.get("method", "salm"), r.get("noise_storage"), r.get("size"), r.get("channels"),
+            r.get("batch_size"))
 
 
 def growth(rows: list[dict]) -> dict[tuple, float]:
@@ -187,7 +188,7 @@ def markdown(result: dict) -> str:
         "Commands: " + "; ".join(f"`{cmd}`" for cmd in commands) + f". Last run {result['date']}, commit "
         f"`{result['git_commit']}`; {result['machine']}.",
         f"One round, one surrogate step per round (SALM: mask_epochs 1, one generator step; samplewise and "
-        f"classwise: one PGD step per batch over the whole set), batch {c['batch_size']} (loop and mask training), "
+        f"classwise: one PGD step per batch over the whole set), batch = the loop's and the mask training's, "
         f"{c['threads']} thread(s), synthetic {c['size']} px, {c['channels']} channel(s), perturbing the train "
         "split (70% of n), read from an uncompressed .npz; audit off. Peak = VmHWM of the protecting process. "
         "beyond data = peak - baseline - data (MiB; the release arrays count); peak anon = the sampled peak of "
@@ -196,12 +197,13 @@ def markdown(result: dict) -> str:
         f"between the smallest and the largest n (KiB; flat: under {FLAT_BYTES_PER_IMAGE // 1024} KiB); load = "
         "the 1-minute load average when the row started.",
         "",
-        "| code | method | noise | n | train images | data MiB | release MiB | baseline MiB | peak MiB "
+        "| code | method | noise | batch | n | train images | data MiB | release MiB | baseline MiB | peak MiB "
         "| beyond data MiB | peak anon MiB | growth KiB/image | load | s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in sorted(result["rows"], key=lambda r: (str(r.get("label")), r.get("method", "salm"), r["n"])):
-        head = f"| {r.get('label', '')} | {r.get('method', 'salm')} | {r.get('noise_storage') or '-'} | {r['n']} "
+        head = (f"| {r.get('label', '')} | {r.get('method', 'salm')} | {r.get('noise_storage') or '-'} "
+                f"| {r.get('batch_size', '')} | {r['n']} ")
         if "error" in r:
             lines.append(head + f"| failed: {r['error']} | | | | | | | | | |")
             continue
@@ -252,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               log=lambda line: print(line, flush=True), method=method,
                               noise_storage=args.noise_storage)
                 rows.append({**row, "label": args.label, "command": command, "load_average": load,
+                             "batch_size": args.batch_size, "threads": args.threads,
                              "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown"})
     previous = json.loads(args.out.read_text()).get("rows", []) if args.out.exists() else []
     new_keys = {(_key(r), r["n"]) for r in rows}

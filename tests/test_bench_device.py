@@ -101,7 +101,8 @@ def test_bench_memory_growth_per_image_and_the_table():
     rows = [row(2000, 100 << 20), row(8000, (100 << 20) + 4200 * 50176), row(2000, 90 << 20, "classwise"),
             row(8000, 90 << 20, "classwise"), row(10, 0, "samplewise", error="boom")]
     slopes = memory.growth(rows)
-    assert slopes[("this", "salm", None, 224, 3)] == 50176 and slopes[("this", "classwise", None, 224, 3)] == 0
+    assert slopes[("this", "salm", None, 224, 3, None)] == 50176 and slopes[("this", "classwise", None, 224, 3, None)] == 0
     table = memory.markdown({"rows": rows, "command": "c", "date": "d", "git_commit": "x", "machine": "m",
                              "config": {"batch_size": 32, "threads": 1, "size": 224, "channels": 3}})
     assert "| 49.0 (grows) |" in table and "| 0.0 (flat) |" in table and "failed: boom" in table
+    assert all(line.count("|") == 16 for line in table.splitlines() if line.startswith("| this"))
