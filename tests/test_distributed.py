@@ -99,6 +99,7 @@ def test_shards_cover_every_index_once():
 
 # ------------------------------------------------------------------------------ two processes: collectives
 COLLECTIVES = r"""
+import os
 import torch
 from salm_fast import distributed as D
 
@@ -137,7 +138,7 @@ assert torch.equal(m.weight, torch.nn.Linear(3, 2).weight)
 assert D.any_true(rank == 1) and not D.any_true(False)
 D.barrier()
 D.shutdown()
-print("ok", rank)
+os.write(1, f"ok {rank}\n".encode())  # one write: the ranks share torchrun's stdout (print's parts interleave)
 """
 
 
@@ -153,7 +154,7 @@ DATA = "synthetic:n=64,seed=2"
 
 #: Runs protect jobs (a JSON list) one after the other in one process group: one launch, several releases.
 PROTECT = r"""
-import json, sys
+import json, os, sys
 import salm_fast
 from salm_fast import distributed as D
 from salm_fast.bilevel import BiLevelConfig
@@ -169,7 +170,7 @@ for job in json.loads(sys.argv[1]):
     small.update(job.get("options", {}))
     res = salm_fast.protect(job["data"], job["method"], out=job["out"], seed=job["seed"], resume=job.get("resume", False),
                             audit=False, figure=False, device="cpu", **small)
-    print("rank", rank, job["out"], res.release is None, res.summary == {}, flush=True)
+    os.write(1, f"rank {rank} {job['out']} {res.release is None} {res.summary == {}}\n".encode())  # one write
 D.finish()
 """
 
