@@ -87,6 +87,21 @@ def train_clean(model: nn.Module, x, y: Tensor, *, epochs: int, batch_size: int,
     return int(correct) / max(1, len(x))
 
 
+def input_grads(model: nn.Module, x, y: Tensor, batch_size: int = 512):
+    """Yield ``(slice, dL/dx)`` batch by batch: the gradient of the summed cross-entropy of the model in
+    eval mode w.r.t. each image (each image's gradient is its own). ``batch_size`` shrinks for large
+    images (:func:`~salm_fast.data.view.pass_batch`)."""
+    n = len(x)
+    batch_size = pass_batch(x.shape, batch_size)
+    model.eval()
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        xb = x[sl].clone().requires_grad_(True)
+        loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
+        (g,) = torch.autograd.grad(loss, xb)
+        yield sl, g
+
+
 def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1, window: int = 1,
                   batch_size: int = 512, backend: str | None = None, exclude: Tensor | None = None) -> Tensor:
     """Per-image top-K mask (N x 1 x H x W uint8, on the images' device) of the surrogate's
@@ -100,15 +115,8 @@ def saliency_mask(model: nn.Module, x, y: Tensor, k: int | float, *, p: int = 1,
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"saliency window must be an odd integer >= 1, got {window}")
-    n = len(x)
-    mask = torch.empty((n, 1, x.shape[2], x.shape[3]), dtype=torch.uint8, device=x.device)
-    batch_size = pass_batch(x.shape, batch_size)
-    model.eval()
-    for start in range(0, n, batch_size):
-        sl = slice(start, min(start + batch_size, n))
-        xb = x[sl].clone().requires_grad_(True)
-        loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
-        (g,) = torch.autograd.grad(loss, xb)
+    mask = torch.empty((len(x), 1, x.shape[2], x.shape[3]), dtype=torch.uint8, device=x.device)
+    for sl, g in input_grads(model, x, y, batch_size):
         if window == 1 and exclude is None:
             mask[sl] = ops.saliency_topk_mask(g, k, p, backend=backend)
         else:
@@ -133,15 +141,9 @@ def saliency_sums(model: nn.Module, x, y: Tensor, groups: Tensor, n_groups: int,
     """
     from .distributed import all_reduce_sum
 
-    n, h, w = len(x), x.shape[2], x.shape[3]
+    h, w = x.shape[2], x.shape[3]
     total = torch.zeros((n_groups, h * w), dtype=torch.float64, device=y.device)
-    batch_size = pass_batch(x.shape, batch_size)
-    model.eval()
-    for start in range(0, n, batch_size):
-        sl = slice(start, min(start + batch_size, n))
-        xb = x[sl].clone().requires_grad_(True)
-        loss = F.cross_entropy(logits(model, xb), y[sl], reduction="sum")
-        (g,) = torch.autograd.grad(loss, xb)
+    for sl, g in input_grads(model, x, y, batch_size):
         s = ops.grad_magnitude(g, p, backend=backend).flatten(1).double()
         s = s / s.sum(1, keepdim=True).clamp_min(1e-30)
         total.index_add_(0, groups[sl].to(total.device), s)
