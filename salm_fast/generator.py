@@ -46,38 +46,57 @@ def _wave(period: int) -> Tensor:
     return {1: torch.ones(TILE), 2: 1.0 - 2.0 * (i % 2), 4: 1.0 - 2.0 * ((i // 2) % 2)}[period].float()
 
 
-def texture_families() -> list[list[Tensor]]:
-    """The 4 x 4 sign tiles a class may get, finest family first: period 2 (horizontal stripes,
-    vertical stripes, checkerboard), then the products with a period-4 wave. Shifting such a
-    texture (a crop) or mirroring it (a flip) gives a shifted copy of the same texture."""
+#: The code textures (``texture=``): ``fine`` (period 2 first: learned within an epoch, erased by a
+#: blur or JPEG), ``coarse`` (period 4 only, no period-2 factor: a sigma-1 blur keeps ~45% of a
+#: stripe) and ``block`` (flat: only the keyed sign per cell, the lowest frequency the cells allow).
+TEXTURES = ("fine", "coarse", "block")
+
+
+def texture_families(texture: str = "fine") -> list[list[Tensor]]:
+    """The 4 x 4 sign tiles a class may get, in families tried in order. ``fine``: period 2
+    (horizontal stripes, vertical stripes, checkerboard), then the products with a period-4
+    wave; ``coarse``: the period-4 waves without a period-2 factor; ``block``: the flat tile.
+    Shifting such a texture (a crop) or mirroring it (a flip) gives a shifted copy of the same
+    texture."""
+    if texture not in TEXTURES:
+        raise ValueError(f"texture must be one of {TEXTURES}, got {texture!r}")
+    if texture == "block":
+        return [[torch.ones(TILE, TILE)]]
     families: dict[int, list[Tensor]] = {}
     for pr, pc in itertools.product((1, 2, 4), repeat=2):
-        if (pr, pc) != (1, 1):
+        if (pr, pc) != (1, 1) and (texture == "fine" or 2 not in (pr, pc)):
             families.setdefault(max(pr, pc), []).append(_wave(pr)[:, None] * _wave(pc)[None, :])
-    return [families[2], families[4]]
+    return [families[p] for p in sorted(families)]
 
 
-def keyed_texture(n_classes: int, channels: int, height: int, width: int, *, seed: int, cell: int = 4) -> Tensor:
+def keyed_texture(n_classes: int, channels: int, height: int, width: int, *, seed: int, cell: int = 4,
+                  texture: str = "fine") -> Tensor:
     """``n_classes x channels x height x width`` of +-1: each class's texture tiled over the image,
     its sign flipped per ``cell x cell`` block.
 
-    Drawn from ``seed`` (the release's secret): which texture each class gets (the period-2
-    family shuffled, then the period-4 one, then random sign tiles for many classes) and the
-    sign of every cell. Victims learn the period-2 textures within an epoch; a flipped cell is
+    Drawn from ``seed`` (the release's secret): which texture each class gets (the families of
+    :func:`texture_families` shuffled one after the other, then random sign tiles for many
+    classes; ``block``: the flat tile for every class) and the sign of every cell (``block`` with two
+    classes: the second class's signs are the first's, negated). Victims learn the period-2 textures within an epoch; a flipped cell is
     the same texture shifted by one pixel, which the victim's crops produce anyway.
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
     gen = torch.Generator().manual_seed(int(seed) % (1 << 63))
     tiles: list[Tensor] = []
-    for family in texture_families():
+    for family in texture_families(texture):
         tiles += [family[i] for i in torch.randperm(len(family), generator=gen).tolist()]
     while len(tiles) < n_classes:
+        if texture == "block":  # every class flat; the cell signs tell them apart
+            tiles.append(tiles[0])
+            continue
         tiles.append(torch.where(torch.rand(TILE, TILE, generator=gen) < 0.5, -1.0, 1.0))
     reps = (-(-height // TILE), -(-width // TILE))
     code = torch.stack([t.repeat(*reps)[:height, :width] for t in tiles[:n_classes]])  # G x H x W
     cells = (-(-height // cell), -(-width // cell))
     signs = torch.where(torch.rand(n_classes, *cells, generator=gen) < 0.5, -1.0, 1.0)
+    if texture == "block" and n_classes == 2:  # two flat codes: as far apart as they can be
+        signs[1] = -signs[0]
     signs = signs.repeat_interleave(cell, 1).repeat_interleave(cell, 2)[:, :height, :width]
     return (code * signs).unsqueeze(1).expand(n_classes, channels, height, width).contiguous()
 

@@ -229,7 +229,7 @@ def _counter_measure_order(names: set[str]) -> list[str]:
 
 
 def _without_rounds(spec: MethodSpec) -> str:
-    return str(MethodSpec(spec.name, tuple((k, v) for k, v in spec.options if k != "rounds")))
+    return str(MethodSpec(spec.name, tuple((k, v) for k, v in spec.options if k not in ("rounds", "min_rounds"))))
 
 
 def rounds_section(rows: list[dict], main_defense: str = "none") -> list[str]:

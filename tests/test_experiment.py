@@ -343,7 +343,8 @@ def test_report_says_where_a_baseline_beats_the_default_salm_by_protection_auc(t
 def test_report_counter_measures_in_protocol_order_and_rounds_table(tmp_path):
     rows = [_row(m, defense=d, auc=0.6, **({"best_epoch": 2} if d == "best-val" else {}))
             for m in ("clean", "salm") for d in ("adv-8", "purify", "best-val", "jpeg-10", "none", "mixup")]
-    rows += [_row("salm:rounds=1", auc=0.8), _row("salm:rounds=5", auc=0.7), _row("salm", victim="cnn", auc=0.65)]
+    rows += [_row("salm:rounds=1", auc=0.8), _row("salm:rounds=5,min_rounds=5", auc=0.7),
+             _row("salm", victim="cnn", auc=0.65)]
     text = _report(tmp_path, rows)
     assert "| method | none | jpeg-10 | mixup | best-val | purify | adv-8 |" in text
     assert "(best ep. 2.0)" in text

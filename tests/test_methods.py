@@ -265,6 +265,9 @@ def test_trained_generator_protects_new_images_within_budget(gray):
     ("samplewise", {"loop": BiLevelConfig(max_rounds=0)}, "max_rounds"),
     ("generator", {"loop": BiLevelConfig(batch_size=0)}, "batch_size"),
     ("salm", {"loop": BiLevelConfig(min_rounds=5, max_rounds=2)}, "min_rounds"),
+    ("salm", {"rounds": 2, "min_rounds": 3}, "min_rounds must be in \\[0, max_rounds=2\\]"),
+    ("salm", {"min_rounds": -1}, "min_rounds"),
+    ("salm", {"texture": "stripes"}, "texture"),
 ])
 def test_make_method_refuses_bad_options(name, options, match):
     with pytest.raises(ValueError, match=match):
@@ -291,6 +294,12 @@ def test_a_method_copies_the_loop_it_is_given():
     m = make_method("samplewise", seed=3, rounds=2, loop=cfg)
     assert (cfg.max_rounds, cfg.seed) == (5, 0)  # the caller's config is left alone
     assert (m.loop.max_rounds, m.loop.seed) == (2, 3)
+
+
+def test_rounds_caps_the_loop_and_min_rounds_forces_it():
+    assert (make_method("salm", rounds=5).loop.max_rounds, make_method("salm", rounds=5).loop.min_rounds) == (5, 1)
+    exact = make_method("salm", rounds=5, min_rounds=5).loop
+    assert (exact.max_rounds, exact.min_rounds) == (5, 5)
 
 
 def test_method_specs_check_option_names_when_parsed():

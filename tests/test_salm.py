@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import salm_fast.surrogate as S
 from salm_fast import ops, protect
@@ -111,6 +112,30 @@ def test_keyed_texture_is_a_secret_of_the_seed():
         assert bool((blocks == 0).all())
     many = keyed_texture(12, 3, 16, 16, seed=0)
     assert many.shape == (12, 3, 16, 16) and len({tuple(t.flatten().tolist()) for t in many}) == 12
+
+
+def test_coarse_and_block_textures_have_no_period_2_content():
+    blur = torch.tensor([0.274, 0.452, 0.274])  # the sigma-1 3 x 3 blur of the counter-measures, one axis
+    for texture in ("coarse", "block"):
+        code = keyed_texture(2, 1, 28, 28, seed=5, cell=4, texture=texture)
+        assert set(code.unique().tolist()) == {-1.0, 1.0}
+        assert torch.equal(code, keyed_texture(2, 1, 28, 28, seed=5, cell=4, texture=texture))
+        assert not torch.equal(code, keyed_texture(2, 1, 28, 28, seed=6, cell=4, texture=texture))
+        # no sign change between two neighbouring pixels inside a 2 x 2 pair: every 2-pixel run is flat
+        plane = code[:, 0]
+        assert bool((plane[:, 0::2, :] == plane[:, 1::2, :]).all() or (plane[:, :, 0::2] == plane[:, :, 1::2]).all())
+        # a blur keeps a real share of it (a period-2 texture comes out at ~10% and inverted)
+        kept = F.conv2d(F.conv2d(code, blur.view(1, 1, 1, 3), padding=(0, 1)), blur.view(1, 1, 3, 1), padding=(1, 0))
+        assert float((kept * code).mean()) > 0.2
+    fine = keyed_texture(2, 1, 28, 28, seed=5, cell=4)
+    kept = F.conv2d(F.conv2d(fine, blur.view(1, 1, 1, 3), padding=(0, 1)), blur.view(1, 1, 3, 1), padding=(1, 0))
+    assert float((kept * fine).mean()) < 0.1
+    block = keyed_texture(2, 1, 28, 28, seed=5, cell=4, texture="block")
+    assert torch.equal(block[1], -block[0])  # two flat codes: antipodal
+    flat = block[0, 0].view(7, 4, 7, 4)  # constant on every 4 x 4 cell
+    assert bool((flat == flat[:, :1, :, :1]).all())
+    with pytest.raises(ValueError, match="texture"):
+        SALM(EPS, texture="stripes")
 
 
 def test_training_moves_the_released_bytes_and_code_only_does_not_train(gray, tmp_path):

@@ -312,7 +312,7 @@ class BiLevelMethod(Method):
     surrogate_arch: str = S.DEFAULT_SURROGATE
 
     def __init__(self, eps: float | str | None = None, *, seed: int = 0, k: int | float | None = None,
-                 loop: BiLevelConfig | None = None, rounds: int | None = None,
+                 loop: BiLevelConfig | None = None, rounds: int | None = None, min_rounds: int | None = None,
                  surrogate: str = S.DEFAULT_SURROGATE, noise_storage: str = "auto"):
         super().__init__(eps, seed=seed, k=k)
         self.surrogate_arch = check_choice(self.name, "surrogate", surrogate, S.SURROGATES)
@@ -326,6 +326,8 @@ class BiLevelMethod(Method):
         if rounds is not None:  # a cap on rounds, e.g. for a quick run
             self.loop.max_rounds = check_int(self.name, "rounds", rounds, 1)
             self.loop.min_rounds = min(self.loop.min_rounds, rounds)
+        if min_rounds is not None:  # never stop before this many rounds ("rounds=5,min_rounds=5": exactly 5)
+            self.loop.min_rounds = check_int(self.name, "min_rounds", min_rounds, 0)
         self.loop.validate()
 
     @classmethod

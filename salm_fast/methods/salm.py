@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .. import ops
 from .. import surrogate as S
-from ..generator import CODE_SCALE, NoiseGenerator, keyed_texture
+from ..generator import CODE_SCALE, TEXTURES, NoiseGenerator, keyed_texture
 from ..bilevel import BiLevelConfig, BiLevelTrainer
 from .base import FitContext, Protection, check_choice, check_int, check_number
 from .generator_em import GeneratorEM
@@ -69,6 +69,7 @@ class SALM(GeneratorEM):
 
     def __init__(self, eps: float | str | None = None, *, k: int | float | None = None, mask: str = "global",
                  cell: int = 4, noise: str = "generator", code: bool = True, code_scale: float = CODE_SCALE,
+                 texture: str = "fine",
                  train: bool = True, saliency_p: int = 1, saliency_window: int = 5, mask_epochs: int = 5,
                  mask_batch_size: int = 128, mask_refresh: int = 0, classes: Sequence[int] | None = None,
                  poison_ratio: float = 1.0, pgd_steps: int = 10, pgd_step_size: float = 2 / 255, **kw):
@@ -78,6 +79,7 @@ class SALM(GeneratorEM):
         self.noise_kind = check_choice("salm", "noise", noise, ("generator", "pgd"))
         self.code = check_choice("salm", "code", code, (True, False))
         self.code_scale = check_number("salm", "code_scale", code_scale)
+        self.texture = check_choice("salm", "texture", texture, TEXTURES)
         self.train = check_choice("salm", "train", train, (True, False))
         if not self.train and (self.noise_kind != "generator" or not self.code):
             raise ValueError("salm: train=False releases the initial code; it needs noise=generator and code=True")
@@ -110,7 +112,7 @@ class SALM(GeneratorEM):
 
     def options(self):
         return {**super().options(), "mask": self.mask_mode, "cell": self.cell, "noise": self.noise_kind,
-                "code_scale": self.code_scale, "train": self.train, "saliency_p": self.saliency_p,
+                "code_scale": self.code_scale, "texture": self.texture, "train": self.train, "saliency_p": self.saliency_p,
                 "saliency_window": self.saliency_window,
                 "mask_epochs": self.mask_epochs, "mask_batch_size": self.mask_batch_size,
                 "mask_refresh": self.mask_refresh, "classes": self.classes,
@@ -233,7 +235,8 @@ class SALM(GeneratorEM):
         if not self.code:
             return {}
         # The secret seed keys the code; a different stream from the models' initializations.
-        code = keyed_texture(n_classes, x.shape[1], x.shape[2], x.shape[3], seed=self.seed * 2 + 1, cell=self.cell)
+        code = keyed_texture(n_classes, x.shape[1], x.shape[2], x.shape[3], seed=self.seed * 2 + 1, cell=self.cell,
+                             texture=self.texture)
         return {"code": code, "code_scale": self.code_scale}
 
     def make_noise(self, x, y, n_classes, mask):
