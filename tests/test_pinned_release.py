@@ -38,6 +38,8 @@ PINNED = {
     "AVX512/amx": {"samplewise": "700025c0392ce414", "classwise": "7e3bdbd93f1a131e"},
     "AVX512/no-amx": {"samplewise": "670ef7d2e6a6fb10", "classwise": "db35629447b7fcd0", "salm": "34182d3ada904146",
                       "salm_pgd": "3c9b618081654865"},
+    "AVX2/no-amx": {"samplewise": "fddd0df731481d1c", "classwise": "7e3bdbd93f1a131e", "salm": "34182d3ada904146",
+                    "salm_pgd": "3c9b618081654865"},
 }
 
 
