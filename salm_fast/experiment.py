@@ -297,12 +297,7 @@ class Grid:
 
     def resolved(self, method: MethodSpec) -> dict[str, Any]:
         """The method's every option, defaults included: a changed default is a new release."""
-        options = dict(method.options)
-        options.pop("splits", None)
-        eps = options.pop("eps", self.eps)
-        resolved = make_method(method.name, eps=eps, **options).options()
-        resolved.pop("seed", None)
-        return json_safe(resolved)
+        return resolved_options(method, self.eps)
 
     def cell_key(self, cell: Cell) -> dict[str, Any]:
         """Every setting that changes a cell's result."""
@@ -487,6 +482,38 @@ class Grid:
         ref = {key(r): r["test_auc"] for r in rows if r["method_name"] == CLEAN}
         for r in rows:
             r["clean_test_auc_same_victim"] = ref.get(key(r))
+
+
+def resolved_options(method: MethodSpec, eps: float | str | None) -> dict[str, Any]:
+    """Every option of ``method`` as this code resolves it (defaults included; grid eps ``eps``
+    unless the spec sets one), in the form a release key stores."""
+    options = dict(method.options)
+    options.pop("splits", None)
+    eps = options.pop("eps", eps)
+    resolved = make_method(method.name, eps=eps, **options).options()
+    resolved.pop("seed", None)
+    return json.loads(json.dumps(json_safe(resolved), sort_keys=True, default=str))
+
+
+def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(current, stale)``: a row is stale when its release was made under options that this code
+    no longer resolves its method spec to (a default changed since; an option removed). A stale row
+    keeps its spec's name but measured another release, so tables must not pool it with new ones."""
+    current, stale, cache = [], [], {}
+    for r in rows:
+        key = r.get("key") or {}
+        if r.get("method_name") == CLEAN or "resolved" not in key:
+            current.append(r)
+            continue
+        spec = (str(r["method"]), json.dumps(key.get("eps")))
+        if spec not in cache:
+            try:
+                cache[spec] = resolved_options(MethodSpec.parse(r["method"]), key.get("eps"))
+            except (ValueError, TypeError):
+                cache[spec] = None
+        stored = json.loads(json.dumps(key["resolved"], sort_keys=True, default=str))
+        (current if cache[spec] == stored else stale).append(r)
+    return current, stale
 
 
 def load_results(root: str | Path) -> list[dict]:

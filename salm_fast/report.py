@@ -27,7 +27,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from .data.atomic import atomic_path
-from .experiment import CLEAN, MethodSpec, canonical_dataset, dataset_tag, load_results
+from .experiment import CLEAN, MethodSpec, canonical_dataset, dataset_tag, load_results, split_stale
 from .figures import new_figure, save_png
 
 
@@ -326,7 +326,7 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
     """Write ``report.md`` (and its figures) for the grid in ``root``; returns the Markdown path."""
     root = Path(root)
     # One dataset, one name: grids may have named the same file by different paths.
-    rows = [{**r, "dataset": canonical_dataset(r["dataset"])} for r in load_results(root)]
+    rows, stale = split_stale([{**r, "dataset": canonical_dataset(r["dataset"])} for r in load_results(root)])
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# {title}", "",
@@ -335,6 +335,10 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
                      "and tested on the owner's clean test split; the protection AUC of a binary task is "
                      "max(AUC, 1 - AUC), since an attacker with a few clean labeled images flips an inverted ranking. "
                      "`clean` = trained on unprotected data, at the same epochs.", ""]
+    if stale:
+        specs = ", ".join(sorted({_code(r["method"]) for r in stale}))
+        md += [f"Left out: {len(stale)} cells whose release was made under options this code no longer gives "
+               f"their method spec (a default changed since): {specs}. Rerun them to include them.", ""]
     victims_all = sorted({r["victim"] for r in rows})
     for ds in sorted({r["dataset"] for r in rows}):
         md += _dataset_section(rows, ds, victims_all, main_defense, counter_measures_victim)

@@ -333,6 +333,21 @@ def test_report_shows_protection_auc_mean_std_over_seeds_and_quality(tmp_path):
         next(x for x in lines if x.startswith("| `salm`")))
 
 
+def test_report_leaves_out_cells_made_under_a_former_default(tmp_path):
+    from salm_fast.experiment import MethodSpec, resolved_options
+
+    now = resolved_options(MethodSpec.parse("salm"), None)
+    former = {**now, "code_scale": now["code_scale"] + 1}  # as if the default had changed since
+    rows = [_row("salm", seed=0, auc=0.6, key={"eps": None, "resolved": now}),
+            _row("salm", seed=1, auc=0.9, key={"eps": None, "resolved": former}),
+            {**_row("salm", seed=0, auc=0.9, key={"eps": None, "resolved": now}), "method": "salm:bogus=1"}]
+    # the last: an option removed since
+    text = _report(tmp_path, rows)
+    assert "| `salm` | 0.600 (1) · 0.600 |" in text  # the former default's seed is not pooled with it
+    assert "Left out: 2 cells" in text and "`salm:bogus=1`" in text
+    assert "| `salm:bogus=1` |" not in text
+
+
 def test_report_says_where_a_baseline_beats_the_default_salm_by_protection_auc(tmp_path):
     rows = [_row("salm", auc=0.62), _row("tap", auc=0.30), _row("classwise", auc=0.58), _row("salm:k=0.1", auc=0.7)]
     text = _report(tmp_path, rows)
