@@ -77,8 +77,9 @@ def keyed_texture(n_classes: int, channels: int, height: int, width: int, *, see
     Drawn from ``seed`` (the release's secret): which texture each class gets (the families of
     :func:`texture_families` shuffled one after the other, then random sign tiles for many
     classes; ``block``: the flat tile for every class) and the sign of every cell (``block`` with two
-    classes: the second class's signs are the first's, negated). Victims learn the period-2 textures within an epoch; a flipped cell is
-    the same texture shifted by one pixel, which the victim's crops produce anyway.
+    classes: the second class's signs are the first's, negated). Victims learn the period-2
+    textures within an epoch; a flipped cell is the same texture shifted by one pixel, which the
+    victim's crops produce anyway.
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")

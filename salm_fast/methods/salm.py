@@ -112,8 +112,8 @@ class SALM(GeneratorEM):
 
     def options(self):
         return {**super().options(), "mask": self.mask_mode, "cell": self.cell, "noise": self.noise_kind,
-                "code_scale": self.code_scale, "texture": self.texture, "train": self.train, "saliency_p": self.saliency_p,
-                "saliency_window": self.saliency_window,
+                "code_scale": self.code_scale, "texture": self.texture, "train": self.train,
+                "saliency_p": self.saliency_p, "saliency_window": self.saliency_window,
                 "mask_epochs": self.mask_epochs, "mask_batch_size": self.mask_batch_size,
                 "mask_refresh": self.mask_refresh, "classes": self.classes,
                 "poison_ratio": self.poison_ratio, "pgd_steps": self.pgd_steps, "pgd_step_size": self.pgd_step_size}
