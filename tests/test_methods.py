@@ -297,7 +297,11 @@ def test_a_method_copies_the_loop_it_is_given():
 
 
 def test_rounds_caps_the_loop_and_min_rounds_forces_it():
-    assert (make_method("salm", rounds=5).loop.max_rounds, make_method("salm", rounds=5).loop.min_rounds) == (5, 1)
+    assert SALM.default_loop().min_rounds == 5 and SALM.default_loop().max_rounds == 20
+    capped = make_method("salm", rounds=3).loop  # a cap below the default minimum lowers the minimum
+    assert (capped.max_rounds, capped.min_rounds) == (3, 3)
+    early = make_method("salm", min_rounds=1).loop  # stop as soon as the surrogate fits
+    assert (early.max_rounds, early.min_rounds) == (20, 1)
     exact = make_method("salm", rounds=5, min_rounds=5).loop
     assert (exact.max_rounds, exact.min_rounds) == (5, 5)
 
