@@ -495,24 +495,68 @@ def resolved_options(method: MethodSpec, eps: float | str | None) -> dict[str, A
     return json.loads(json.dumps(json_safe(resolved), sort_keys=True, default=str))
 
 
+#: Options of a release key's ``loop`` that a method spec can set: a former default of these is
+#: written back into the spec (``loop.min_rounds`` 1 -> ``salm:min_rounds=1``).
+_LOOP_SPEC_OPTIONS = {"min_rounds": "min_rounds", "max_rounds": "rounds"}
+
+
+def _respec(spec: MethodSpec, stored: dict, eps) -> MethodSpec | None:
+    """The spec that this code resolves to ``stored`` (``spec`` with the options whose default changed
+    since written out), or None when no spec does."""
+    try:
+        now = resolved_options(spec, eps)
+    except (ValueError, TypeError):
+        return None
+    opts = dict(spec.options)
+    for key in set(now) | set(stored):
+        if now.get(key) == stored.get(key):
+            continue
+        if key == "loop" and isinstance(stored.get(key), dict) and isinstance(now.get(key), dict):
+            for sub in set(now[key]) | set(stored[key]):
+                if now[key].get(sub) != stored[key].get(sub):
+                    if sub not in _LOOP_SPEC_OPTIONS or sub not in stored[key]:
+                        return None
+                    opts[_LOOP_SPEC_OPTIONS[sub]] = stored[key][sub]
+        elif key in stored and not isinstance(stored[key], (dict, list)):
+            opts[key] = stored[key]
+        else:
+            return None
+    candidate = MethodSpec(spec.name, tuple(sorted(opts.items())))
+    try:
+        return candidate if resolved_options(candidate, eps) == stored else None
+    except (ValueError, TypeError):
+        return None
+
+
 def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """``(current, stale)``: a row is stale when its release was made under options that this code
     no longer resolves its method spec to (a default changed since; an option removed). A stale row
-    keeps its spec's name but measured another release, so tables must not pool it with new ones."""
+    keeps its spec's name but measured another release, so tables must not pool it with new ones:
+    where a spec reproduces its options today (the changed defaults written out, e.g. ``salm`` made
+    under a former ``min_rounds`` of 1 -> ``salm:min_rounds=1``) it is kept under that spec (its
+    ``respec_from`` names the spec it ran as), else it is stale."""
     current, stale, cache = [], [], {}
     for r in rows:
         key = r.get("key") or {}
         if r.get("method_name") == CLEAN or "resolved" not in key:
             current.append(r)
             continue
-        spec = (str(r["method"]), json.dumps(key.get("eps")))
-        if spec not in cache:
-            try:
-                cache[spec] = resolved_options(MethodSpec.parse(r["method"]), key.get("eps"))
-            except (ValueError, TypeError):
-                cache[spec] = None
         stored = json.loads(json.dumps(key["resolved"], sort_keys=True, default=str))
-        (current if cache[spec] == stored else stale).append(r)
+        memo = (str(r["method"]), json.dumps(key.get("eps")), json.dumps(stored, sort_keys=True))
+        if memo not in cache:
+            try:
+                spec = MethodSpec.parse(r["method"])
+                same = resolved_options(spec, key.get("eps")) == stored
+                cache[memo] = spec if same else _respec(spec, stored, key.get("eps"))
+            except (ValueError, TypeError):
+                cache[memo] = None
+        spec = cache[memo]
+        if spec is None:
+            stale.append(r)
+        elif str(spec) == str(r["method"]):
+            current.append(r)
+        else:
+            current.append({**r, "method": str(spec), "respec_from": r["method"]})
     return current, stale
 
 

@@ -234,18 +234,26 @@ def _without_rounds(spec: MethodSpec) -> str:
 
 def rounds_section(rows: list[dict], main_defense: str = "none") -> list[str]:
     """Protection AUC after 1, 5, ... and the default number of rounds: method specs that differ only in
-    ``rounds=`` (the one without it is the default)."""
+    ``rounds=`` / ``min_rounds=`` (the one without them is the default; ``min_rounds`` alone: at least
+    that many rounds, then until the surrogate fits)."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         spec = MethodSpec.parse(r["method"])
         if spec.name != CLEAN and r["defense"] == main_defense:
-            rounds = spec.option("rounds")
-            groups[_without_rounds(spec)]["default" if rounds is None else str(rounds)].append(r)
+            rounds, least = spec.option("rounds"), spec.option("min_rounds")
+            if rounds is None:
+                col = "default" if least is None else f">= {least}, until fit"
+            else:
+                col = str(rounds)
+            groups[_without_rounds(spec)][col].append(r)
     groups = {base: per for base, per in groups.items() if len(per) >= 2}
     if not groups:
         return []
-    cols = sorted({c for per in groups.values() for c in per}, key=lambda c: (c == "default", int(c) if c.isdigit()
-                                                                               else 0))
+    def order(c: str) -> tuple[bool, int, bool]:
+        digits = "".join(ch for ch in c if ch.isdigit())
+        return c == "default", int(digits) if digits else 0, not c.isdigit()
+
+    cols = sorted({c for per in groups.values() for c in per}, key=order)
     md = ["| method | victim | " + " | ".join(f"rounds {c}" for c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for base, per in sorted(groups.items()):
         for v in sorted({r["victim"] for rs in per.values() for r in rs}):
@@ -335,6 +343,10 @@ def build_report(root: str | Path, out: str | Path | None = None, *, title: str 
                      "and tested on the owner's clean test split; the protection AUC of a binary task is "
                      "max(AUC, 1 - AUC), since an attacker with a few clean labeled images flips an inverted ranking. "
                      "`clean` = trained on unprotected data, at the same epochs.", ""]
+    respec = sorted({(r["respec_from"], r["method"]) for r in rows if r.get("respec_from")})
+    if respec:
+        md += ["Cells made under a former default are listed under the spec that reproduces them today: "
+               + ", ".join(f"{_code(a)} as {_code(b)}" for a, b in respec) + ".", ""]
     if stale:
         specs = ", ".join(sorted({_code(r["method"]) for r in stale}))
         md += [f"Left out: {len(stale)} cells whose release was made under options this code no longer gives "

@@ -344,8 +344,17 @@ def test_report_leaves_out_cells_made_under_a_former_default(tmp_path):
     # the last: an option removed since
     text = _report(tmp_path, rows)
     assert "| `salm` | 0.600 (1) · 0.600 |" in text  # the former default's seed is not pooled with it
-    assert "Left out: 2 cells" in text and "`salm:bogus=1`" in text
+    # ... it is listed under the spec that reproduces it today
+    assert f"| `salm:code_scale={former['code_scale']}` | 0.900 (1) · 0.900 |" in text
+    assert f"`salm` as `salm:code_scale={former['code_scale']}`" in text
+    assert "Left out: 1 cells" in text and "`salm:bogus=1`" in text
     assert "| `salm:bogus=1` |" not in text
+    loop = {**now, "loop": {**now["loop"], "min_rounds": 1}}  # a former loop default: written as min_rounds=
+    text = _report(tmp_path, [_row("salm", seed=0, auc=0.7, key={"eps": None, "resolved": loop})])
+    assert "| `salm:min_rounds=1` | 0.700 (1) · 0.700 |" in text
+    odd = {**now, "loop": {**now["loop"], "surrogate_lr": 0.5}}  # no spec option sets it: left out
+    text = _report(tmp_path, [_row("salm", seed=0, auc=0.7, key={"eps": None, "resolved": odd})])
+    assert "Left out: 1 cells" in text
 
 
 def test_report_says_where_a_baseline_beats_the_default_salm_by_protection_auc(tmp_path):
@@ -359,11 +368,11 @@ def test_report_counter_measures_in_protocol_order_and_rounds_table(tmp_path):
     rows = [_row(m, defense=d, auc=0.6, **({"best_epoch": 2} if d == "best-val" else {}))
             for m in ("clean", "salm") for d in ("adv-8", "purify", "best-val", "jpeg-10", "none", "mixup")]
     rows += [_row("salm:rounds=1", auc=0.8), _row("salm:rounds=5,min_rounds=5", auc=0.7),
-             _row("salm", victim="cnn", auc=0.65)]
+             _row("salm", victim="cnn", auc=0.65), _row("salm:min_rounds=1", auc=0.75)]
     text = _report(tmp_path, rows)
     assert "| method | none | jpeg-10 | mixup | best-val | purify | adv-8 |" in text
     assert "(best ep. 2.0)" in text
-    assert "| method | victim | rounds 1 | rounds 5 | rounds default |" in text
-    assert "| `salm` | resnet18 | 0.800 (1) · 0.800 | 0.700 (1) · 0.700 | 0.600 (1) · 0.600 |" in text
+    assert "| method | victim | rounds 1 | rounds >= 1, until fit | rounds 5 | rounds default |" in text
+    assert "| `salm` | resnet18 | 0.800 (1) · 0.800 | 0.750 (1) · 0.750 | 0.700 (1) · 0.700 | 0.600 (1) · 0.600 |" in text
     sections = [x for x in text.splitlines() if x.startswith("### ") and "counter-measures" in x]
     assert sections and "(resnet18)" in sections[0]
