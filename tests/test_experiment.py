@@ -373,6 +373,7 @@ def test_report_counter_measures_in_protocol_order_and_rounds_table(tmp_path):
     assert "| method | none | jpeg-10 | mixup | best-val | purify | adv-8 |" in text
     assert "(best ep. 2.0)" in text
     assert "| method | victim | rounds 1 | rounds >= 1, until fit | rounds 5 | rounds default |" in text
-    assert "| `salm` | resnet18 | 0.800 (1) · 0.800 | 0.750 (1) · 0.750 | 0.700 (1) · 0.700 | 0.600 (1) · 0.600 |" in text
+    cells = "0.800 (1) · 0.800 | 0.750 (1) · 0.750 | 0.700 (1) · 0.700 | 0.600 (1) · 0.600"
+    assert f"| `salm` | resnet18 | {cells} |" in text
     sections = [x for x in text.splitlines() if x.startswith("### ") and "counter-measures" in x]
     assert sections and "(resnet18)" in sections[0]
