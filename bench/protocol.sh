@@ -9,7 +9,7 @@
 #   bash bench/protocol.sh pneumonia   # CNN, 3 seeds
 #   bash bench/protocol.sh ablation    # SALM's parts: mask placement, code, training, rounds (CNN)
 #   bash bench/protocol.sh counter     # the counter-measures (CNN, seed 0)
-#   bash bench/protocol.sh rounds      # AUC after 1, exactly 5 and the default rounds, and the code alone (CNN, 3 seeds)
+#   bash bench/protocol.sh rounds      # the default (>= 5 rounds) vs stop-once-fit, 1 round, the code alone (CNN, 3 seeds)
 #   bash bench/protocol.sh robust      # lower-frequency codes (texture=coarse / block, 8 x 8 cells) vs JPEG-10 and blur
 #   bash bench/protocol.sh counter-resnet  # the counter-measures against a ResNet-18 (BreastMNIST, seed 0)
 #   bash bench/protocol.sh more        # the rest of the protocol (not run yet: hours of this CPU)
@@ -45,7 +45,8 @@ more)  # not run yet on the 2-core CPU (a ResNet-18 PneumoniaMNIST victim: ~45 m
   ;;
 rounds)
   run "$B" --victims cnn --seeds 0 1 2 \
-      --methods clean salm salm:rounds=1 salm:rounds=5,min_rounds=5 salm:train=false
+      --methods clean salm salm:min_rounds=1 salm:rounds=1 salm:train=false
+  run "$P" --victims cnn --seeds 0 1 2 --methods clean salm salm:min_rounds=1
   ;;
 robust)
   run "$B" --victims cnn --seeds 0 --defenses none jpeg-10 blur \
